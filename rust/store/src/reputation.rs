@@ -1,0 +1,649 @@
+//! Reputation: named allow/block lists of prefixes, and event counters for
+//! self-learned scores (DESIGN.md, layer 2).
+//!
+//! Each list is stored flattened: nested prefixes become disjoint intervals,
+//! each carrying its most specific prefix, so one "lower than or equal" seek
+//! per list answers a longest-prefix match. (A single seek over nested
+//! prefixes as stored gives wrong answers: the nearest lower key may be a
+//! small prefix that ended before the address while a larger one covers it.)
+//! Loading a list writes it under a fresh list id with LMDB's append mode and
+//! drops the old id's rows in the same transaction: readers see the old list
+//! or the new one, never half.
+
+use crate::addr::{self, Prefix};
+use crate::error::{shown, Result, StoreError};
+use crate::store::{be_u128, be_u32, be_u64, plock, Core};
+use heed::{PutFlags, RoTxn, RwTxn};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Allow,
+    Block,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Kind> {
+        match s {
+            "allow" => Ok(Kind::Allow),
+            "block" => Ok(Kind::Block),
+            _ => Err(StoreError::invalid(format!(
+                "invalid list kind {} (want allow or block)",
+                shown(s)
+            ))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Allow => "allow",
+            Kind::Block => "block",
+        }
+    }
+}
+
+pub const ACTIONS: [&str; 5] = ["accept", "tag", "quarantine", "defer", "reject"];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListInfo {
+    pub id: u32,
+    pub name: String,
+    pub kind: Kind,
+    pub action: String,
+    pub score: i32,
+    pub prefixes: u64,
+    pub intervals: u64,
+    pub loaded_at: u64,
+}
+
+impl ListInfo {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(33 + self.action.len());
+        v.extend_from_slice(&self.id.to_be_bytes());
+        v.push(matches!(self.kind, Kind::Block) as u8);
+        v.extend_from_slice(&self.score.to_be_bytes());
+        v.extend_from_slice(&self.prefixes.to_be_bytes());
+        v.extend_from_slice(&self.intervals.to_be_bytes());
+        v.extend_from_slice(&self.loaded_at.to_be_bytes());
+        v.extend_from_slice(self.action.as_bytes());
+        v
+    }
+    fn decode(name: &[u8], v: &[u8]) -> ListInfo {
+        ListInfo {
+            id: be_u32(v, 0),
+            name: String::from_utf8_lossy(name).into_owned(),
+            kind: if v.get(4) == Some(&1) {
+                Kind::Block
+            } else {
+                Kind::Allow
+            },
+            score: be_u32(v, 5) as i32,
+            prefixes: be_u64(v, 9),
+            intervals: be_u64(v, 17),
+            loaded_at: be_u64(v, 25),
+            action: String::from_utf8_lossy(v.get(33..).unwrap_or_default()).into_owned(),
+        }
+    }
+}
+
+/// The list directory, cached per process and re-read when the generation
+/// counter in `meta` moves (another process may load a list).
+#[derive(Default)]
+pub(crate) struct DirCache {
+    gen: Option<u64>,
+    lists: Arc<Vec<ListInfo>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Match {
+    pub kind: Kind,
+    pub list: Arc<Vec<ListInfo>>,
+    pub index: usize,
+    pub prefix: Prefix,
+}
+
+impl Match {
+    pub fn info(&self) -> Option<&ListInfo> {
+        self.list.get(self.index)
+    }
+}
+
+/// Flatten prefixes into disjoint [start, end] intervals, each carrying the
+/// length of the most specific prefix that covers it. Prefixes are either
+/// nested or disjoint, so a stack of open prefixes does it in one pass.
+pub fn flatten(mut ps: Vec<Prefix>) -> Vec<(u128, u128, u8)> {
+    ps.sort_unstable();
+    ps.dedup();
+    let mut out = Vec::with_capacity(ps.len());
+    let mut stack: Vec<Prefix> = Vec::new();
+    let mut cursor: u128 = 0;
+    for p in ps {
+        while let Some(top) = stack.last().copied() {
+            if top.last() >= p.net {
+                break;
+            }
+            if cursor <= top.last() {
+                out.push((cursor, top.last(), top.len));
+            }
+            // top.last() < p.net, so this cannot overflow.
+            cursor = top.last() + 1;
+            stack.pop();
+        }
+        if let Some(top) = stack.last() {
+            if cursor < p.net {
+                out.push((cursor, p.net - 1, top.len));
+            }
+        }
+        cursor = p.net;
+        stack.push(p);
+    }
+    let mut done = false;
+    while let Some(top) = stack.pop() {
+        if !done && cursor <= top.last() {
+            out.push((cursor, top.last(), top.len));
+        }
+        match top.last().checked_add(1) {
+            Some(c) => cursor = c,
+            None => done = true,
+        }
+    }
+    out
+}
+
+fn iv_key(id: u32, a: u128) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..4].copy_from_slice(&id.to_be_bytes());
+    k[4..].copy_from_slice(&a.to_be_bytes());
+    k
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(format!(
+            "invalid list name {} (1-64 of A-Z a-z 0-9 . _ : -)",
+            shown(name)
+        )))
+    }
+}
+
+fn check_action(action: &str) -> Result<()> {
+    if ACTIONS.contains(&action) {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(format!(
+            "invalid action {} (want one of {})",
+            shown(action),
+            ACTIONS.join(", ")
+        )))
+    }
+}
+
+fn check_event(event: &str) -> Result<()> {
+    let ok = !event.is_empty()
+        && event.len() <= 32
+        && event
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(format!(
+            "invalid event name {} (1-32 of a-z 0-9 _ .)",
+            shown(event)
+        )))
+    }
+}
+
+/// Parse a feed file: one CIDR or address per line; blank lines and
+/// comments (`#` or `;`, whole-line or trailing) are skipped.
+pub fn parse_feed(path: &Path) -> Result<Vec<Prefix>> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| StoreError::invalid(format!("cannot read {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
+        let line =
+            line.map_err(|e| StoreError::invalid(format!("cannot read {}: {e}", path.display())))?;
+        let text = String::from_utf8_lossy(&line);
+        let text = text.split(['#', ';']).next().unwrap_or("").trim();
+        let Some(tok) = text.split_whitespace().next() else {
+            continue;
+        };
+        let p = addr::parse_cidr(tok)
+            .map_err(|e| StoreError::invalid(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        out.push(p);
+    }
+    Ok(out)
+}
+
+impl Core {
+    fn rep_dir(&self, txn: &RoTxn) -> Result<Arc<Vec<ListInfo>>> {
+        let err = self.lmdb_err("reputation lookup");
+        let gen = self
+            .meta
+            .get(txn, b"rep_gen")
+            .map_err(&err)?
+            .map(|v| be_u64(v, 0));
+        let mut cache = plock(&self.rep_cache);
+        if cache.gen.is_some() && cache.gen == gen {
+            return Ok(Arc::clone(&cache.lists));
+        }
+        let mut lists = Vec::new();
+        for kv in self.rep_lists.iter(txn).map_err(&err)? {
+            let (k, v) = kv.map_err(&err)?;
+            lists.push(ListInfo::decode(k, v));
+        }
+        // Allow lists first: any allow match ends the question.
+        lists.sort_by_key(|l| (l.kind == Kind::Block, l.id));
+        cache.gen = Some(gen.unwrap_or(0));
+        cache.lists = Arc::new(lists);
+        Ok(Arc::clone(&cache.lists))
+    }
+
+    fn rep_lookup_in(
+        &self,
+        txn: &RoTxn,
+        dir: &Arc<Vec<ListInfo>>,
+        ip: u128,
+    ) -> Result<Option<Match>> {
+        let err = self.lmdb_err("reputation lookup");
+        let mut best: Option<(usize, Prefix)> = None;
+        for (i, l) in dir.iter().enumerate() {
+            if l.kind == Kind::Block {
+                if let Some((bi, _)) = best {
+                    if dir[bi].kind == Kind::Allow {
+                        break;
+                    }
+                }
+            }
+            let Some((k, v)) = self
+                .rep_iv
+                .get_lower_than_or_equal_to(txn, &iv_key(l.id, ip))
+                .map_err(&err)?
+            else {
+                continue;
+            };
+            if be_u32(k, 0) != l.id || ip > be_u128(v, 0) {
+                continue;
+            }
+            let len = v.get(16).copied().unwrap_or(128);
+            let p = Prefix {
+                net: ip & addr::mask(len),
+                len,
+            };
+            match (l.kind, best) {
+                (Kind::Allow, _) => {
+                    return Ok(Some(Match {
+                        kind: Kind::Allow,
+                        list: Arc::clone(dir),
+                        index: i,
+                        prefix: p,
+                    }))
+                }
+                (Kind::Block, Some((_, bp))) if bp.len >= p.len => {}
+                (Kind::Block, _) => best = Some((i, p)),
+            }
+        }
+        Ok(best.map(|(i, p)| Match {
+            kind: dir[i].kind,
+            list: Arc::clone(dir),
+            index: i,
+            prefix: p,
+        }))
+    }
+
+    /// Any allow match, else the longest block match across block lists.
+    pub fn rep_lookup(&self, ip: u128) -> Result<Option<Match>> {
+        self.read(|txn| {
+            let dir = self.rep_dir(txn)?;
+            self.rep_lookup_in(txn, &dir, ip)
+        })
+    }
+
+    pub fn rep_lookup_many(&self, ips: &[u128]) -> Result<Vec<Option<Match>>> {
+        let mut order: Vec<usize> = (0..ips.len()).collect();
+        order.sort_unstable_by_key(|&i| ips[i]);
+        let mut out = vec![None; ips.len()];
+        self.read(|txn| {
+            let dir = self.rep_dir(txn)?;
+            for i in order {
+                out[i] = self.rep_lookup_in(txn, &dir, ips[i])?;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Replace the list `name` with `prefixes`, atomically; the number of
+    /// distinct prefixes stored.
+    pub fn rep_load(
+        &self,
+        name: &str,
+        kind: Kind,
+        action: &str,
+        score: i32,
+        prefixes: Vec<Prefix>,
+        now: u64,
+    ) -> Result<u64> {
+        check_name(name)?;
+        check_action(action)?;
+        let mut ps = prefixes;
+        ps.sort_unstable();
+        ps.dedup();
+        let count = ps.len() as u64;
+        let ivs = flatten(ps);
+        let err = self.lmdb_err(&format!("cannot load list {name}"));
+        self.write(|txn| {
+            let next = self
+                .meta
+                .get(txn, b"rep_next_id")
+                .map_err(&err)?
+                .map(|v| be_u32(v, 0))
+                .unwrap_or(1);
+            let id = next;
+            for (s, e, len) in &ivs {
+                let mut v = [0u8; 17];
+                v[..16].copy_from_slice(&e.to_be_bytes());
+                v[16] = *len;
+                self.rep_iv
+                    .put_with_flags(txn, PutFlags::APPEND, &iv_key(id, *s), &v)
+                    .map_err(&err)?;
+            }
+            if let Some(old) = self.rep_lists.get(txn, name.as_bytes()).map_err(&err)? {
+                let old_id = be_u32(old, 0);
+                self.drop_intervals(txn, old_id)?;
+            }
+            let info = ListInfo {
+                id,
+                name: name.to_string(),
+                kind,
+                action: action.to_string(),
+                score,
+                prefixes: count,
+                intervals: ivs.len() as u64,
+                loaded_at: now,
+            };
+            self.rep_lists
+                .put(txn, name.as_bytes(), &info.encode())
+                .map_err(&err)?;
+            self.meta
+                .put(txn, b"rep_next_id", &(next + 1).to_be_bytes())
+                .map_err(&err)?;
+            self.bump_rep_gen(txn)?;
+            Ok(count)
+        })
+    }
+
+    pub fn rep_load_file(
+        &self,
+        name: &str,
+        kind: Kind,
+        action: &str,
+        score: i32,
+        path: &Path,
+        now: u64,
+    ) -> Result<u64> {
+        check_name(name)?;
+        check_action(action)?;
+        let ps = parse_feed(path)?;
+        self.rep_load(name, kind, action, score, ps, now)
+    }
+
+    fn drop_intervals(&self, txn: &mut RwTxn, id: u32) -> Result<()> {
+        let lo = iv_key(id, 0);
+        let hi = (id as u64 + 1).to_be_bytes();
+        let hi = &hi[4..];
+        let range = (Bound::Included(&lo[..]), Bound::Excluded(hi));
+        self.rep_iv
+            .delete_range(txn, &range)
+            .map_err(self.lmdb_err("cannot drop list"))?;
+        Ok(())
+    }
+
+    fn bump_rep_gen(&self, txn: &mut RwTxn) -> Result<()> {
+        let err = self.lmdb_err("cannot update list directory");
+        let gen = self
+            .meta
+            .get(txn, b"rep_gen")
+            .map_err(&err)?
+            .map(|v| be_u64(v, 0))
+            .unwrap_or(0);
+        self.meta
+            .put(txn, b"rep_gen", &(gen + 1).to_be_bytes())
+            .map_err(&err)
+    }
+
+    pub fn rep_drop(&self, name: &str) -> Result<bool> {
+        check_name(name)?;
+        let err = self.lmdb_err(&format!("cannot drop list {name}"));
+        self.write(|txn| {
+            let Some(old) = self.rep_lists.get(txn, name.as_bytes()).map_err(&err)? else {
+                return Ok(false);
+            };
+            let id = be_u32(old, 0);
+            self.drop_intervals(txn, id)?;
+            self.rep_lists.delete(txn, name.as_bytes()).map_err(&err)?;
+            self.bump_rep_gen(txn)?;
+            Ok(true)
+        })
+    }
+
+    pub fn rep_lists(&self) -> Result<Vec<ListInfo>> {
+        self.read(|txn| Ok(self.rep_dir(txn)?.as_ref().clone()))
+    }
+
+    fn event_keys(&self, ip: u128, event: &str) -> [Vec<u8>; 2] {
+        let net = if addr::is_v4(ip) {
+            ip & addr::mask(120)
+        } else {
+            ip & addr::mask(48)
+        };
+        let k = |scope: u8, a: u128| {
+            let mut k = Vec::with_capacity(17 + event.len());
+            k.push(scope);
+            k.extend_from_slice(&a.to_be_bytes());
+            k.extend_from_slice(event.as_bytes());
+            k
+        };
+        [k(b'a', ip), k(b'n', net)]
+    }
+
+    /// Count `n` events for `ip` and for its /24 (IPv4) or /48 (IPv6).
+    pub fn rep_record(&self, ip: u128, event: &str, now: u64, n: u64) -> Result<()> {
+        check_event(event)?;
+        let keys = self.event_keys(ip, event);
+        self.buffered(|b| {
+            for k in keys {
+                let e = b.cur.events.entry(k).or_insert((0, 0));
+                e.0 = e.0.saturating_add(n);
+                e.1 = e.1.max(now);
+            }
+        })
+    }
+
+    /// `{event: (count for the address, count for its network)}`.
+    pub fn rep_counters(&self, ip: u128) -> Result<Vec<(String, u64, u64)>> {
+        let mut m: HashMap<String, (u64, u64)> = HashMap::new();
+        let [ka, kn] = self.event_keys(ip, "");
+        let mut add = |k: &[u8], count: u64| {
+            let (scope, ev) = (k.first().copied(), k.get(17..).unwrap_or_default());
+            let e = m
+                .entry(String::from_utf8_lossy(ev).into_owned())
+                .or_insert((0, 0));
+            if scope == Some(b'a') {
+                e.0 += count;
+            } else {
+                e.1 += count;
+            }
+        };
+        {
+            let b = plock(&self.buf);
+            let batches = std::iter::once(&b.cur).chain(b.inflight.as_deref());
+            for batch in batches {
+                for (k, (c, _)) in &batch.events {
+                    if k.starts_with(&ka) || k.starts_with(&kn) {
+                        add(k, *c);
+                    }
+                }
+            }
+        }
+        let err = self.lmdb_err("reputation counters");
+        self.read(|txn| {
+            for pfx in [&ka, &kn] {
+                for kv in self.rep_events.prefix_iter(txn, pfx).map_err(&err)? {
+                    let (k, v) = kv.map_err(&err)?;
+                    add(k, be_u64(v, 0));
+                }
+            }
+            Ok(())
+        })?;
+        let mut out: Vec<(String, u64, u64)> = m.into_iter().map(|(k, (a, n))| (k, a, n)).collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+pub(crate) fn apply_events(
+    core: &Core,
+    txn: &mut RwTxn,
+    events: &HashMap<Vec<u8>, (u64, u64)>,
+) -> Result<()> {
+    let err = core.lmdb_err("reputation counters commit");
+    let mut ev: Vec<_> = events.iter().collect();
+    ev.sort_unstable();
+    for (k, (n, last)) in ev {
+        let (old_n, old_last) = match core.rep_events.get(txn, k).map_err(&err)? {
+            Some(v) => (be_u64(v, 0), be_u64(v, 8)),
+            None => (0, 0),
+        };
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&old_n.saturating_add(*n).to_be_bytes());
+        v[8..].copy_from_slice(&old_last.max(*last).to_be_bytes());
+        core.rep_events.put(txn, k, &v).map_err(&err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::parse_cidr;
+
+    fn lpm_ref(ps: &[Prefix], a: u128) -> Option<u8> {
+        ps.iter().filter(|p| p.contains(a)).map(|p| p.len).max()
+    }
+
+    fn lookup_flat(ivs: &[(u128, u128, u8)], a: u128) -> Option<u8> {
+        let i = ivs.partition_point(|iv| iv.0 <= a);
+        if i == 0 {
+            return None;
+        }
+        let (_, e, len) = ivs[i - 1];
+        (a <= e).then_some(len)
+    }
+
+    #[test]
+    fn flatten_nested_and_overlapping() -> Result<()> {
+        let ps: Vec<Prefix> = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.128/25",
+            "10.200.0.0/16",
+            "192.0.2.0/24",
+            "0.0.0.0/0",
+            "2001:db8::/32",
+            "2001:db8:1::/48",
+            "::/0",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",
+        ]
+        .iter()
+        .map(|s| parse_cidr(s))
+        .collect::<Result<_>>()?;
+        let ivs = flatten(ps.clone());
+        for w in ivs.windows(2) {
+            assert!(w[0].1 < w[1].0, "disjoint and sorted: {w:?}");
+        }
+        let probes = [
+            "10.0.0.0",
+            "9.255.255.255",
+            "10.1.2.127",
+            "10.1.2.128",
+            "10.1.2.255",
+            "10.1.3.0",
+            "10.255.255.255",
+            "11.0.0.0",
+            "192.0.2.255",
+            "1.1.1.1",
+            "2001:db8::",
+            "2001:db8:1::1",
+            "2001:db9::",
+            "::",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:0:0",
+        ];
+        for s in probes {
+            let a = addr::parse_ip(s)?;
+            assert_eq!(lookup_flat(&ivs, a), lpm_ref(&ps, a), "{s}");
+        }
+        // Edges of every prefix, and one either side.
+        for p in &ps {
+            for a in [
+                p.net,
+                p.last(),
+                p.net.wrapping_sub(1),
+                p.last().wrapping_add(1),
+            ] {
+                assert_eq!(lookup_flat(&ivs, a), lpm_ref(&ps, a), "{a:x}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn flatten_pseudo_random_matches_reference() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..50 {
+            let ps: Vec<Prefix> = (0..60)
+                .map(|_| {
+                    // A small space so prefixes nest and collide often.
+                    let a = addr::V4_BASE
+                        | (next() as u128 & 0xff00_0000)
+                        | (next() as u128 & 0x00ff_ff00);
+                    let len = 96 + (next() % 33) as u8;
+                    Prefix {
+                        net: a & addr::mask(len),
+                        len,
+                    }
+                })
+                .collect();
+            let ivs = flatten(ps.clone());
+            for _ in 0..500 {
+                let a = addr::V4_BASE | (next() as u128 & 0xffff_ffff);
+                assert_eq!(lookup_flat(&ivs, a), lpm_ref(&ps, a));
+            }
+            for p in &ps {
+                for a in [p.net, p.last(), p.net - 1, p.last() + 1] {
+                    assert_eq!(lookup_flat(&ivs, a), lpm_ref(&ps, a));
+                }
+            }
+        }
+    }
+}
