@@ -9,16 +9,38 @@ Times are whole seconds since the Unix epoch, always passed in by the caller
 (4 or 16 octets).
 """
 
+import builtins
 from collections.abc import Iterable, Sequence
 from typing import Final, Literal, final
 
 __version__: Final[str]
+__all__ = [
+    "__version__",
+    "CommunityEntry",
+    "Community",
+    "ConfigMismatchError",
+    "Core",
+    "CoreError",
+    "InvalidInputError",
+    "MapFullError",
+    "Membership",
+    "Recon",
+    "ReconEntry",
+    "ReconResult",
+    "RepList",
+    "RepMatch",
+    "Reputation",
+    "StorageError",
+    "SweepResult",
+    "normalize_address",
+    "normalize_entry",
+]
 
-ReconStatus = Literal["new", "too_early", "passed", "known", "exempt"]
-Kind = Literal["allow", "block"]
-Source = Literal["outbound", "sav", "manual", "import", "admin", "journal"]
-MemberStatus = Literal["allowed", "blocked", "unknown"]
-IpLike = str | bytes
+_ReconStatus = Literal["new", "too_early", "passed", "known", "exempt"]
+_Kind = Literal["allow", "block"]
+_Source = Literal["outbound", "sav", "manual", "import", "admin", "journal"]
+_MemberStatus = Literal["allowed", "blocked", "unknown"]
+_IpLike = str | bytes
 
 class CoreError(Exception):
     """Base of every error the core raises."""
@@ -46,7 +68,7 @@ class ReconResult:
     """
 
     @property
-    def status(self) -> ReconStatus: ...
+    def status(self) -> _ReconStatus: ...
     @property
     def first_seen(self) -> int: ...
     @property
@@ -84,9 +106,9 @@ class SweepResult:
 class Recon:
     """Layer 1's table: greylisting by masked source address."""
 
-    def check(self, ip: IpLike, now: int) -> ReconResult: ...
-    def check_many(self, ips: Sequence[IpLike], now: int) -> list[ReconResult]: ...
-    def show(self, ip: IpLike) -> ReconEntry | None: ...
+    def check(self, ip: _IpLike, now: int) -> ReconResult: ...
+    def check_many(self, ips: Sequence[_IpLike], now: int) -> list[ReconResult]: ...
+    def show(self, ip: _IpLike) -> ReconEntry | None: ...
     def exempt_add(self, cidr: str) -> bool: ...
     def exempt_remove(self, cidr: str) -> bool: ...
     def exempt_list(self) -> list[str]: ...
@@ -107,7 +129,7 @@ class RepMatch:
     """The list entry that decided a reputation lookup."""
 
     @property
-    def kind(self) -> Kind: ...
+    def kind(self) -> _Kind: ...
     @property
     def list(self) -> str: ...
     @property
@@ -122,7 +144,7 @@ class RepList:
     @property
     def name(self) -> str: ...
     @property
-    def kind(self) -> Kind: ...
+    def kind(self) -> _Kind: ...
     @property
     def action(self) -> str: ...
     @property
@@ -141,7 +163,7 @@ class Reputation:
     def load(
         self,
         name: str,
-        kind: Kind,
+        kind: _Kind,
         entries: Iterable[str],
         *,
         action: str = "reject",
@@ -151,7 +173,7 @@ class Reputation:
     def load_file(
         self,
         name: str,
-        kind: Kind,
+        kind: _Kind,
         path: str,
         *,
         action: str = "reject",
@@ -160,32 +182,32 @@ class Reputation:
     ) -> int: ...
     def drop(self, name: str) -> bool: ...
     def lists(self) -> list[RepList]: ...
-    def lookup(self, ip: IpLike) -> RepMatch | None: ...
-    def lookup_many(self, ips: Sequence[IpLike]) -> list[RepMatch | None]: ...
-    def record(self, ip: IpLike, event: str, now: int, n: int = 1) -> None: ...
-    def counters(self, ip: IpLike) -> dict[str, tuple[int, int]]: ...
+    def lookup(self, ip: _IpLike) -> RepMatch | None: ...
+    def lookup_many(self, ips: Sequence[_IpLike]) -> list[RepMatch | None]: ...
+    def record(self, ip: _IpLike, event: str, now: int, n: int = 1) -> None: ...
+    def counters(self, ip: _IpLike) -> dict[str, tuple[int, int]]: ...
 
 @final
 class Membership:
     """The answer of ``Community.member``: the first match, or unknown."""
 
     @property
-    def status(self) -> MemberStatus: ...
+    def status(self) -> _MemberStatus: ...
     @property
     def entry(self) -> str | None: ...
     @property
     def scope(self) -> Literal["user", "org"] | None: ...
     @property
-    def source(self) -> Source | None: ...
+    def source(self) -> _Source | None: ...
 
 @final
 class CommunityEntry:
     @property
     def entry(self) -> str: ...
     @property
-    def kind(self) -> Kind: ...
+    def kind(self) -> _Kind: ...
     @property
-    def source(self) -> Source: ...
+    def source(self) -> _Source: ...
     @property
     def added(self) -> int: ...
 
@@ -194,14 +216,14 @@ class Community:
     """Layer 5's table: each user's allowed and blocked senders."""
 
     def add(
-        self, user: str, entry: str, kind: Kind = "allow", source: Source = "manual", now: int = 0
+        self, user: str, entry: str, kind: _Kind = "allow", source: _Source = "manual", now: int = 0
     ) -> bool: ...
     def add_many(
         self,
         user: str,
         entries: Iterable[str],
-        kind: Kind = "allow",
-        source: Source = "import",
+        kind: _Kind = "allow",
+        source: _Source = "import",
         now: int = 0,
     ) -> int: ...
     def remove(self, user: str, entry: str) -> bool: ...
@@ -211,7 +233,7 @@ class Community:
     ) -> Membership: ...
     def member_many(
         self, queries: Sequence[tuple[str, str, str | None, str | None]]
-    ) -> list[Membership]: ...
+    ) -> builtins.list[Membership]: ...
     def count(self, user: str) -> int: ...
 
 def normalize_address(address: str) -> str:
@@ -228,8 +250,8 @@ class Core:
     reputation events: a crash forgets at most that much of them.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: str,
         *,
         map_size: int = 64 << 30,
@@ -241,7 +263,7 @@ class Core:
         commit_window_ms: int = 100,
         ipv6_new_per_48: int = 4096,
         max_readers: int = 1024,
-    ) -> None: ...
+    ) -> Core: ...
     @property
     def recon(self) -> Recon: ...
     @property

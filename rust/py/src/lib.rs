@@ -427,14 +427,14 @@ struct Reputation {
 
 #[pymethods]
 impl Reputation {
-    #[pyo3(signature = (name, kind, entries, *, action = "reject".to_string(), score = 0, now = 0))]
+    #[pyo3(signature = (name, kind, entries, *, action = "reject", score = 0, now = 0))]
     fn load(
         &self,
         py: Python<'_>,
         name: &str,
         kind: &str,
         entries: &Bound<'_, PyAny>,
-        action: String,
+        action: &str,
         score: i32,
         now: u64,
     ) -> PyResult<u64> {
@@ -450,23 +450,23 @@ impl Reputation {
                 .py()?;
             ps.push(p);
         }
-        py.detach(|| self.s.rep_load(name, k, &action, score, ps, now))
+        py.detach(|| self.s.rep_load(name, k, action, score, ps, now))
             .py()
     }
 
-    #[pyo3(signature = (name, kind, path, *, action = "reject".to_string(), score = 0, now = 0))]
+    #[pyo3(signature = (name, kind, path, *, action = "reject", score = 0, now = 0))]
     fn load_file(
         &self,
         py: Python<'_>,
         name: &str,
         kind: &str,
         path: PathBuf,
-        action: String,
+        action: &str,
         score: i32,
         now: u64,
     ) -> PyResult<u64> {
         let k = kind_of(kind)?;
-        py.detach(|| self.s.rep_load_file(name, k, &action, score, &path, now))
+        py.detach(|| self.s.rep_load_file(name, k, action, score, &path, now))
             .py()
     }
 
