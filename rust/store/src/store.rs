@@ -593,3 +593,42 @@ pub(crate) fn be_u128(b: &[u8], at: usize) -> u128 {
     }
     u128::from_be_bytes(a)
 }
+
+impl Core {
+    /// Every `every`-th row of a table, up to `max` rows: raw key and value.
+    /// For benchmarks and diagnostics (`kithmail-floor` samples its queries
+    /// from the tables it measures).
+    pub fn sample(&self, table: &str, every: u64, max: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let db = match table {
+            "recon" => self.recon,
+            "rep_iv" => self.rep_iv,
+            "community" => self.community,
+            other => return Err(StoreError::invalid(format!("no table {other:?}"))),
+        };
+        let every = every.max(1);
+        let err = self.lmdb_err("sample");
+        self.read(|txn| {
+            let mut out = Vec::new();
+            for (i, kv) in db.iter(txn).map_err(&err)?.enumerate() {
+                if out.len() >= max {
+                    break;
+                }
+                if (i as u64) % every == 0 {
+                    let (k, v) = kv.map_err(&err)?;
+                    out.push((k.to_vec(), v.to_vec()));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn len_of(&self, table: &str) -> Result<u64> {
+        let db = match table {
+            "recon" => self.recon,
+            "rep_iv" => self.rep_iv,
+            "community" => self.community,
+            other => return Err(StoreError::invalid(format!("no table {other:?}"))),
+        };
+        self.read(|txn| db.len(txn).map_err(self.lmdb_err("count")))
+    }
+}
