@@ -163,23 +163,6 @@ fn key(a: u128) -> [u8; 16] {
     a.to_be_bytes()
 }
 
-fn in_intervals(
-    db: &Db,
-    txn: &RoTxn,
-    a: u128,
-    map_err: &dyn Fn(heed::Error) -> StoreError,
-) -> Result<bool> {
-    Ok(
-        match db
-            .get_lower_than_or_equal_to(txn, &key(a))
-            .map_err(map_err)?
-        {
-            Some((_, v)) => a <= be_u128(v, 0),
-            None => false,
-        },
-    )
-}
-
 impl Core {
     fn masked(&self, ip: u128) -> u128 {
         addr::mask_source(ip, self.ipv4_prefix, self.ipv6_prefix)
@@ -187,7 +170,7 @@ impl Core {
 
     fn fast(&self, txn: &RoTxn, ip: u128, now: u64) -> Result<Fast> {
         let err = self.lmdb_err("Recon lookup");
-        if in_intervals(&self.exempt_iv, txn, ip, &err)? {
+        if self.exempt_in(txn, ip)? {
             return Ok(Fast::Done(Outcome {
                 status: Status::Exempt,
                 first_seen: 0,
@@ -387,7 +370,30 @@ impl Core {
 
     /// Is `ip` inside an exempt network?
     pub fn recon_is_exempt(&self, ip: u128) -> Result<bool> {
-        self.read(|txn| in_intervals(&self.exempt_iv, txn, ip, &self.lmdb_err("Recon lookup")))
+        self.read(|txn| self.exempt_in(txn, ip))
+    }
+
+    fn exempt_in(&self, txn: &RoTxn, ip: u128) -> Result<bool> {
+        let id = txn.id();
+        let hit = |ivs: &[(u128, u128)]| {
+            let i = ivs.partition_point(|iv| iv.0 <= ip);
+            i > 0 && ip <= ivs[i - 1].1
+        };
+        {
+            let c = self.exempt_cache.read().unwrap_or_else(|p| p.into_inner());
+            if c.0 == id {
+                return Ok(hit(&c.1));
+            }
+        }
+        let err = self.lmdb_err("Recon exempt lookup");
+        let mut ivs = Vec::new();
+        for kv in self.exempt_iv.iter(txn).map_err(&err)? {
+            let (k, v) = kv.map_err(&err)?;
+            ivs.push((be_u128(k, 0), be_u128(v, 0)));
+        }
+        let found = hit(&ivs);
+        *self.exempt_cache.write().unwrap_or_else(|p| p.into_inner()) = (id, ivs);
+        Ok(found)
     }
 
     pub fn recon_exempt_add(&self, p: Prefix) -> Result<bool> {

@@ -89,11 +89,14 @@ impl ListInfo {
     }
 }
 
-/// The list directory, cached per process and re-read when the generation
-/// counter in `meta` moves (another process may load a list).
+/// The list directory, cached per process: checked against the generation
+/// counter in `meta` once per snapshot, re-read when it moved (another
+/// process may load a list).
 #[derive(Default)]
 pub(crate) struct DirCache {
     gen: Option<u64>,
+    /// The snapshot the cache was last checked against.
+    txn_id: Option<usize>,
     lists: Arc<Vec<ListInfo>>,
 }
 
@@ -227,25 +230,33 @@ pub fn parse_feed(path: &Path) -> Result<Vec<Prefix>> {
 
 impl Core {
     fn rep_dir(&self, txn: &RoTxn) -> Result<Arc<Vec<ListInfo>>> {
+        let id = txn.id();
+        {
+            let c = self.rep_cache.read().unwrap_or_else(|p| p.into_inner());
+            if c.txn_id == Some(id) {
+                return Ok(Arc::clone(&c.lists));
+            }
+        }
         let err = self.lmdb_err("reputation lookup");
         let gen = self
             .meta
             .get(txn, b"rep_gen")
             .map_err(&err)?
-            .map(|v| be_u64(v, 0));
-        let mut cache = plock(&self.rep_cache);
-        if cache.gen.is_some() && cache.gen == gen {
-            return Ok(Arc::clone(&cache.lists));
+            .map(|v| be_u64(v, 0))
+            .unwrap_or(0);
+        let mut cache = self.rep_cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.gen != Some(gen) {
+            let mut lists = Vec::new();
+            for kv in self.rep_lists.iter(txn).map_err(&err)? {
+                let (k, v) = kv.map_err(&err)?;
+                lists.push(ListInfo::decode(k, v));
+            }
+            // Allow lists first: any allow match ends the question.
+            lists.sort_by_key(|l| (l.kind == Kind::Block, l.id));
+            cache.gen = Some(gen);
+            cache.lists = Arc::new(lists);
         }
-        let mut lists = Vec::new();
-        for kv in self.rep_lists.iter(txn).map_err(&err)? {
-            let (k, v) = kv.map_err(&err)?;
-            lists.push(ListInfo::decode(k, v));
-        }
-        // Allow lists first: any allow match ends the question.
-        lists.sort_by_key(|l| (l.kind == Kind::Block, l.id));
-        cache.gen = Some(gen.unwrap_or(0));
-        cache.lists = Arc::new(lists);
+        cache.txn_id = Some(id);
         Ok(Arc::clone(&cache.lists))
     }
 
@@ -341,7 +352,8 @@ impl Core {
         ps.dedup();
         let count = ps.len() as u64;
         let ivs = flatten(ps);
-        let err = self.lmdb_err(&format!("cannot load list {name}"));
+        let ctx = format!("cannot load list {name}");
+        let err = self.lmdb_err(&ctx);
         self.write(|txn| {
             let next = self
                 .meta
@@ -424,7 +436,8 @@ impl Core {
 
     pub fn rep_drop(&self, name: &str) -> Result<bool> {
         check_name(name)?;
-        let err = self.lmdb_err(&format!("cannot drop list {name}"));
+        let ctx = format!("cannot drop list {name}");
+        let err = self.lmdb_err(&ctx);
         self.write(|txn| {
             let Some(old) = self.rep_lists.get(txn, name.as_bytes()).map_err(&err)? else {
                 return Ok(false);

@@ -14,7 +14,7 @@ use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -133,7 +133,11 @@ pub struct Core {
     /// Set when a commit hit MDB_MAP_FULL: new sources are then not
     /// remembered (deferred) until a commit succeeds again.
     pub(crate) map_full: AtomicBool,
-    pub(crate) rep_cache: Mutex<crate::reputation::DirCache>,
+    pub(crate) rep_cache: RwLock<crate::reputation::DirCache>,
+    /// Exempt networks of the snapshot with this transaction id: the list
+    /// is tiny and read on every check, so it is re-read only when a commit
+    /// (of any process) has moved the snapshot.
+    pub(crate) exempt_cache: RwLock<(usize, Vec<(u128, u128)>)>,
     pub(crate) sweep_cursor: Mutex<crate::recon::SweepCursor>,
     pub(crate) stats: Stats,
 }
@@ -377,7 +381,8 @@ impl Core {
             shutdown: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             map_full: AtomicBool::new(false),
-            rep_cache: Mutex::new(Default::default()),
+            rep_cache: RwLock::new(Default::default()),
+            exempt_cache: RwLock::new((usize::MAX, Vec::new())),
             sweep_cursor: Mutex::new(Default::default()),
             stats: Stats::default(),
         })
@@ -454,9 +459,13 @@ impl Core {
         Ok(out)
     }
 
-    pub(crate) fn lmdb_err(&self, context: &str) -> impl Fn(heed::Error) -> StoreError + '_ {
-        let context = context.to_string();
-        move |e| lmdb(&context, e, self.map_size)
+    /// Map an LMDB error, naming what was being done. Borrows its context so
+    /// the hot path allocates nothing unless an error happens.
+    pub(crate) fn lmdb_err<'a>(
+        &'a self,
+        context: &'a str,
+    ) -> impl Fn(heed::Error) -> StoreError + 'a {
+        move |e| lmdb(context, e, self.map_size)
     }
 
     /// Put rows into the group-commit buffer and wake the committer when the

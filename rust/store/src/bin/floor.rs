@@ -1,7 +1,7 @@
 //! kithmail-floor: the same hot calls as bench/core.py, looped in Rust over
 //! the same store with no Python, so the cost of the boundary is visible.
 //!
-//! Usage: kithmail-floor --dir CORE_DIR [--ops N] [--ipv4-prefix P] [--ipv6-prefix P]
+//! Usage: kithmail-floor --dir CORE_DIR [--ops N] [--now T] [--ipv4-prefix P] [--ipv6-prefix P]
 //! Prints one JSON object of ops/s on stdout.
 
 use kithmail_store::community::Query;
@@ -60,14 +60,28 @@ fn sample(core: &Core, table: &str, want: usize) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
     core.sample(table, every, want)
 }
 
-fn run(dir: PathBuf, ops: usize, opts: Options) -> R<String> {
+fn run(dir: PathBuf, ops: usize, opts: Options, at: Option<u64>) -> R<String> {
     let store = Store::open(&dir, &opts)?;
     let mut rng = Rng(0x5eed_cafe_f00d_d00d);
-    let t = now();
     let repeats = 7;
     let mut out: Vec<(&str, f64)> = Vec::new();
 
     let recon = sample(&store, "recon", 1_000_000)?;
+    // Ask at a time when the sampled sources are known: just after the
+    // latest sighting (the bench passed them all), unless --now says.
+    let t = at.unwrap_or_else(|| {
+        recon
+            .iter()
+            .map(|(_, v)| {
+                u64::from_be_bytes(
+                    v.get(8..16)
+                        .and_then(|b| b.try_into().ok())
+                        .unwrap_or([0; 8]),
+                )
+            })
+            .max()
+            .map_or_else(now, |l| l + 1)
+    });
     if !recon.is_empty() {
         let keys: Vec<u128> = recon.iter().map(|(k, _)| key_u128(k, 0)).collect();
         let hot: Vec<u128> = keys.iter().take(100_000).copied().collect();
@@ -176,15 +190,17 @@ fn main() {
     let mut dir = None;
     let mut ops = 1_000_000usize;
     let mut opts = Options::default();
+    let mut at = None;
     while let Some(a) = args.next() {
         let v = args.next();
         match (a.as_str(), v) {
             ("--dir", Some(v)) => dir = Some(PathBuf::from(v)),
             ("--ops", Some(v)) => ops = v.parse().unwrap_or(ops),
+            ("--now", Some(v)) => at = v.parse().ok(),
             ("--ipv4-prefix", Some(v)) => opts.ipv4_prefix = v.parse().unwrap_or(32),
             ("--ipv6-prefix", Some(v)) => opts.ipv6_prefix = v.parse().unwrap_or(64),
             _ => {
-                eprintln!("usage: kithmail-floor --dir CORE_DIR [--ops N] [--ipv4-prefix P] [--ipv6-prefix P]");
+                eprintln!("usage: kithmail-floor --dir CORE_DIR [--ops N] [--now T] [--ipv4-prefix P] [--ipv6-prefix P]");
                 std::process::exit(2);
             }
         }
@@ -193,7 +209,7 @@ fn main() {
         eprintln!("kithmail-floor: --dir is required");
         std::process::exit(2);
     };
-    match run(dir, ops, opts) {
+    match run(dir, ops, opts, at) {
         Ok(json) => println!("{json}"),
         Err(e) => {
             eprintln!("kithmail-floor: {e}");
