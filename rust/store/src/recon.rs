@@ -11,6 +11,7 @@ use crate::store::{be_u128, be_u32, be_u64, plock, Batch, Core, Db};
 use heed::{RoTxn, RwTxn};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// A Recon row. Stored as 32 big-endian octets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -163,14 +164,19 @@ fn key(a: u128) -> [u8; 16] {
     a.to_be_bytes()
 }
 
+fn in_ranges(ranges: &[(u128, u128)], a: u128) -> bool {
+    let i = ranges.partition_point(|r| r.0 <= a);
+    i > 0 && a <= ranges[i - 1].1
+}
+
 impl Core {
     fn masked(&self, ip: u128) -> u128 {
         addr::mask_source(ip, self.ipv4_prefix, self.ipv6_prefix)
     }
 
-    fn fast(&self, txn: &RoTxn, ip: u128, now: u64) -> Result<Fast> {
+    fn fast(&self, txn: &RoTxn, exempt: &[(u128, u128)], ip: u128, now: u64) -> Result<Fast> {
         let err = self.lmdb_err("Recon lookup");
-        if self.exempt_in(txn, ip)? {
+        if in_ranges(exempt, ip) {
             return Ok(Fast::Done(Outcome {
                 status: Status::Exempt,
                 first_seen: 0,
@@ -289,7 +295,11 @@ impl Core {
 
     /// Check one source at `now`.
     pub fn recon_check(&self, ip: u128, now: u64) -> Result<Outcome> {
-        match self.read(|txn| self.fast(txn, ip, now))? {
+        let fast = self.read(|txn| {
+            let exempt = self.exempt_ranges(txn)?;
+            self.fast(txn, &exempt, ip, now)
+        })?;
+        match fast {
             Fast::Done(o) => Ok(o),
             Fast::Slow(k) => {
                 let mut out = [None];
@@ -307,8 +317,10 @@ impl Core {
         let mut out: Vec<Option<Outcome>> = vec![None; ips.len()];
         let mut slow = Vec::new();
         self.read(|txn| {
+            // Once per batch: the exempt list of this snapshot.
+            let exempt = self.exempt_ranges(txn)?;
             for &i in &order {
-                match self.fast(txn, ips[i], now)? {
+                match self.fast(txn, &exempt, ips[i], now)? {
                     Fast::Done(o) => out[i] = Some(o),
                     Fast::Slow(k) => slow.push((i, k)),
                 }
@@ -370,19 +382,16 @@ impl Core {
 
     /// Is `ip` inside an exempt network?
     pub fn recon_is_exempt(&self, ip: u128) -> Result<bool> {
-        self.read(|txn| self.exempt_in(txn, ip))
+        self.read(|txn| Ok(in_ranges(&self.exempt_ranges(txn)?, ip)))
     }
 
-    fn exempt_in(&self, txn: &RoTxn, ip: u128) -> Result<bool> {
+    /// The exempt networks of this snapshot, as merged ranges.
+    fn exempt_ranges(&self, txn: &RoTxn) -> Result<Arc<Vec<(u128, u128)>>> {
         let id = txn.id();
-        let hit = |ivs: &[(u128, u128)]| {
-            let i = ivs.partition_point(|iv| iv.0 <= ip);
-            i > 0 && ip <= ivs[i - 1].1
-        };
         {
             let c = self.exempt_cache.read().unwrap_or_else(|p| p.into_inner());
             if c.0 == id {
-                return Ok(hit(&c.1));
+                return Ok(Arc::clone(&c.1));
             }
         }
         let err = self.lmdb_err("Recon exempt lookup");
@@ -391,9 +400,9 @@ impl Core {
             let (k, v) = kv.map_err(&err)?;
             ivs.push((be_u128(k, 0), be_u128(v, 0)));
         }
-        let found = hit(&ivs);
-        *self.exempt_cache.write().unwrap_or_else(|p| p.into_inner()) = (id, ivs);
-        Ok(found)
+        let ivs = Arc::new(ivs);
+        *self.exempt_cache.write().unwrap_or_else(|p| p.into_inner()) = (id, Arc::clone(&ivs));
+        Ok(ivs)
     }
 
     pub fn recon_exempt_add(&self, p: Prefix) -> Result<bool> {

@@ -137,7 +137,7 @@ pub struct Core {
     /// Exempt networks of the snapshot with this transaction id: the list
     /// is tiny and read on every check, so it is re-read only when a commit
     /// (of any process) has moved the snapshot.
-    pub(crate) exempt_cache: RwLock<(usize, Vec<(u128, u128)>)>,
+    pub(crate) exempt_cache: RwLock<(usize, Arc<Vec<(u128, u128)>>)>,
     pub(crate) sweep_cursor: Mutex<crate::recon::SweepCursor>,
     pub(crate) stats: Stats,
 }
@@ -382,7 +382,7 @@ impl Core {
             closed: AtomicBool::new(false),
             map_full: AtomicBool::new(false),
             rep_cache: RwLock::new(Default::default()),
-            exempt_cache: RwLock::new((usize::MAX, Vec::new())),
+            exempt_cache: RwLock::new((usize::MAX, Arc::new(Vec::new()))),
             sweep_cursor: Mutex::new(Default::default()),
             stats: Stats::default(),
         })
