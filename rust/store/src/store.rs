@@ -19,6 +19,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub(crate) type Db = Database<Bytes, Bytes>;
+/// Merged, sorted [start, end] address ranges.
+pub(crate) type Ranges = Arc<Vec<(u128, u128)>>;
 
 const SCHEMA_VERSION: u32 = 1;
 
@@ -137,7 +139,7 @@ pub struct Core {
     /// Exempt networks of the snapshot with this transaction id: the list
     /// is tiny and read on every check, so it is re-read only when a commit
     /// (of any process) has moved the snapshot.
-    pub(crate) exempt_cache: RwLock<(usize, Arc<Vec<(u128, u128)>>)>,
+    pub(crate) exempt_cache: RwLock<(usize, Ranges)>,
     pub(crate) sweep_cursor: Mutex<crate::recon::SweepCursor>,
     pub(crate) stats: Stats,
 }
