@@ -108,6 +108,8 @@ class Recon:
 
     def check(self, ip: _IpLike, now: int) -> ReconResult: ...
     def check_many(self, ips: Sequence[_IpLike], now: int) -> list[ReconResult]: ...
+    def peek(self, ip: _IpLike, now: int) -> ReconResult:
+        """What ``check`` would answer at ``now``, recording nothing."""
     def show(self, ip: _IpLike) -> ReconEntry | None: ...
     def exempt_add(self, cidr: str) -> bool: ...
     def exempt_remove(self, cidr: str) -> bool: ...
@@ -246,6 +248,10 @@ def normalize_entry(entry: str) -> str:
 class Core:
     """One LMDB environment under ``path``; open it once per process, after fork.
 
+    ``ipv4_prefix``/``ipv6_prefix`` of None adopt the lengths stored in an
+    existing environment (the CLI's choice); a value that differs from the
+    stored one raises ``ConfigMismatchError``.
+
     ``commit_window_ms`` is the group-commit window of Recon sightings and
     reputation events: a crash forgets at most that much of them.
     """
@@ -255,8 +261,8 @@ class Core:
         path: str,
         *,
         map_size: int = 64 << 30,
-        ipv4_prefix: int = 32,
-        ipv6_prefix: int = 64,
+        ipv4_prefix: int | None = 32,
+        ipv6_prefix: int | None = 64,
         min_delay: int = 60,
         retry_window: int = 86400,
         pass_ttl: int = 2592000,

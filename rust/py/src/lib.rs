@@ -242,6 +242,14 @@ impl Recon {
         })
     }
 
+    /// What `check` would answer, recording nothing.
+    fn peek(&self, ip: &Bound<'_, PyAny>, now: u64) -> PyResult<ReconResult> {
+        let a = ip_of(ip)?;
+        Ok(ReconResult {
+            o: self.s.recon_peek(a, now).py()?,
+        })
+    }
+
     fn check_many(
         &self,
         py: Python<'_>,
@@ -702,13 +710,13 @@ struct Core {
     community: Py<Community>,
 }
 
-fn prefix_arg(name: &str, v: u32, max: u32) -> PyResult<u8> {
-    if v == 0 || v > max {
-        return Err(err(StoreError::InvalidInput(format!(
+fn prefix_arg(name: &str, v: Option<u32>, max: u32) -> PyResult<Option<u8>> {
+    match v {
+        Some(v) if v == 0 || v > max => Err(err(StoreError::InvalidInput(format!(
             "{name} must be 1..{max}, not {v}"
-        ))));
+        )))),
+        other => Ok(other.map(|v| v as u8)),
     }
-    Ok(v as u8)
 }
 
 #[pymethods]
@@ -724,8 +732,8 @@ impl Core {
         py: Python<'_>,
         path: PathBuf,
         map_size: usize,
-        ipv4_prefix: u32,
-        ipv6_prefix: u32,
+        ipv4_prefix: Option<u32>,
+        ipv6_prefix: Option<u32>,
         min_delay: u64,
         retry_window: u64,
         pass_ttl: u64,

@@ -138,7 +138,17 @@ pub fn normalize_domain(d: &str) -> Result<Cow<'_, str>> {
     if out.is_empty() || out.len() > MAX_DOMAIN {
         return Err(bad("domain", d, "too long or empty"));
     }
-    if out.starts_with('.') || out.contains("..") || out.starts_with('[') {
+    // Letters, digits, hyphens inside labels (and `_`, which real DNS names
+    // carry); no address literals, no empty labels.
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+    };
+    if !out.split('.').all(label_ok) {
         return Err(bad("domain", d, "not a domain name"));
     }
     Ok(out)
@@ -156,6 +166,11 @@ pub fn normalize_address(a: &str) -> Result<String> {
     };
     if local.is_empty() || local.len() > MAX_LOCAL {
         return Err(bad("address", a, "empty or over-long local part"));
+    }
+    // A local part holding `@` or quotes is a quoted local part: a classic
+    // relay trick, and no sender anyone means to allow.
+    if local.contains(['@', '"', '\\']) {
+        return Err(bad("address", a, "quoted or @ in the local part"));
     }
     let domain = normalize_domain(domain).map_err(|_| bad("address", a, "bad domain"))?;
     let local: Cow<'_, str> = if local.bytes().any(|c| c.is_ascii_uppercase()) || !local.is_ascii()
@@ -188,8 +203,9 @@ fn normalize_list_id(id: &str) -> Result<String> {
 
 /// Fold an entry: an address, `@domain`, or `list:<List-Id>`.
 pub fn normalize_entry(e: &str) -> Result<String> {
-    if let Some(id) = e.strip_prefix("list:") {
-        normalize_list_id(id)
+    let is_list = e.len() >= 5 && e.is_char_boundary(5) && e[..5].eq_ignore_ascii_case("list:");
+    if is_list {
+        normalize_list_id(&e[5..])
     } else if let Some(d) = e.strip_prefix('@') {
         Ok(format!("@{}", normalize_domain(d)?))
     } else {
@@ -427,6 +443,11 @@ mod tests {
             "ann@xn--bcher-kva.example"
         );
         assert_eq!(normalize_address("ann@example.com.")?, "ann@example.com");
+        assert!(normalize_entry("@@x.example").is_err());
+        assert_eq!(
+            normalize_entry("LIST:News.Example.org")?,
+            "list:news.example.org"
+        );
         assert_eq!(
             normalize_entry("@BÜCHER.example")?,
             "@xn--bcher-kva.example"
@@ -444,6 +465,10 @@ mod tests {
             "a\0b@example.com",
             "ann@exa mple.com",
             "ann@[192.0.2.1]",
+            "x@@y",
+            "\"a@b\"@example.com",
+            "bob@-bad-.example",
+            "bob@a..example",
         ] {
             assert!(normalize_address(bad).is_err(), "{bad:?}");
         }

@@ -335,6 +335,39 @@ impl Core {
             .collect()
     }
 
+    /// What `recon_check` would answer at `now`, without recording anything
+    /// (for `kith recon show` and diagnostics).
+    pub fn recon_peek(&self, ip: u128, now: u64) -> Result<Outcome> {
+        let (min_delay, retry_window, pass_ttl) = self.timings.get();
+        let k = self.masked(ip);
+        let buffered = plock(&self.buf).recon(k);
+        self.read(|txn| {
+            if in_ranges(&self.exempt_ranges(txn)?, ip) {
+                return Ok(Outcome {
+                    status: Status::Exempt,
+                    first_seen: 0,
+                    pass_until: 0,
+                    recorded: false,
+                });
+            }
+            let base = match buffered {
+                Some(r) => Some(r),
+                None => self
+                    .recon
+                    .get(txn, &key(k))
+                    .map_err(self.lmdb_err("Recon lookup"))?
+                    .map(Row::decode),
+            };
+            let (status, row, _) = decide(base, now, min_delay, retry_window, pass_ttl);
+            Ok(Outcome {
+                status,
+                first_seen: row.first_seen,
+                pass_until: row.pass_until,
+                recorded: status != Status::New || !self.map_full.load(Ordering::Relaxed),
+            })
+        })
+    }
+
     /// The stored row of `ip`'s masked network (buffered writes included).
     pub fn recon_show(&self, ip: u128) -> Result<Option<Entry>> {
         let k = self.masked(ip);

@@ -29,8 +29,9 @@ const SCHEMA_VERSION: u32 = 1;
 #[derive(Clone, Debug)]
 pub struct Options {
     pub map_size: usize,
-    pub ipv4_prefix: u8,
-    pub ipv6_prefix: u8,
+    /// None: the length stored in an existing environment (32/64 for a new one).
+    pub ipv4_prefix: Option<u8>,
+    pub ipv6_prefix: Option<u8>,
     pub min_delay: u64,
     pub retry_window: u64,
     pub pass_ttl: u64,
@@ -44,8 +45,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             map_size: 64 << 30,
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
+            ipv4_prefix: Some(32),
+            ipv6_prefix: Some(64),
             min_delay: 60,
             retry_window: 86_400,
             pass_ttl: 30 * 86_400,
@@ -183,16 +184,14 @@ fn storage(context: &str, e: impl std::fmt::Display) -> StoreError {
 impl Store {
     /// Open (creating when missing) the environment in directory `path`.
     pub fn open(path: &Path, opts: &Options) -> Result<Arc<Store>> {
-        if opts.ipv4_prefix == 0 || opts.ipv4_prefix > 32 {
+        if let Some(p) = opts.ipv4_prefix.filter(|p| *p == 0 || *p > 32) {
             return Err(StoreError::invalid(format!(
-                "ipv4_prefix must be 1..32, not {}",
-                opts.ipv4_prefix
+                "ipv4_prefix must be 1..32, not {p}"
             )));
         }
-        if opts.ipv6_prefix == 0 || opts.ipv6_prefix > 128 {
+        if let Some(p) = opts.ipv6_prefix.filter(|p| *p == 0 || *p > 128) {
             return Err(StoreError::invalid(format!(
-                "ipv6_prefix must be 1..128, not {}",
-                opts.ipv6_prefix
+                "ipv6_prefix must be 1..128, not {p}"
             )));
         }
         if opts.min_delay > opts.retry_window {
@@ -215,8 +214,7 @@ impl Store {
                     canon.display()
                 )));
             }
-            if existing.ipv4_prefix != opts.ipv4_prefix || existing.ipv6_prefix != opts.ipv6_prefix
-            {
+            if !prefixes_agree(existing.ipv4_prefix, existing.ipv6_prefix, opts) {
                 return Err(mismatch(
                     &canon,
                     existing.ipv4_prefix,
@@ -266,14 +264,19 @@ impl Drop for Store {
     }
 }
 
+fn prefixes_agree(v4: u8, v6: u8, opts: &Options) -> bool {
+    opts.ipv4_prefix.is_none_or(|p| p == v4) && opts.ipv6_prefix.is_none_or(|p| p == v6)
+}
+
 fn mismatch(path: &Path, v4: u8, v6: u8, opts: &Options) -> StoreError {
+    let show = |p: Option<u8>, stored: u8| p.unwrap_or(stored);
     StoreError::ConfigMismatch(format!(
         "the Recon table in {} was built with ipv4_prefix = {v4}, ipv6_prefix = {v6}; \
          the config asks for ipv4_prefix = {}, ipv6_prefix = {}. Set them back, or move \
          the core directory aside to start the table afresh",
         path.display(),
-        opts.ipv4_prefix,
-        opts.ipv6_prefix
+        show(opts.ipv4_prefix, v4),
+        show(opts.ipv6_prefix, v6)
     ))
 }
 
@@ -319,25 +322,31 @@ impl Core {
                 .map_err(|e| lmdb("cannot read meta", e, map_size))?
                 .and_then(|v| v.first().copied()))
         };
-        match (
+        let (v4, v6) = match (
             get_u8(&wtxn, b"ipv4_prefix")?,
             get_u8(&wtxn, b"ipv6_prefix")?,
         ) {
             (Some(v4), Some(v6)) => {
-                if v4 != opts.ipv4_prefix || v6 != opts.ipv6_prefix {
+                if !prefixes_agree(v4, v6, opts) {
                     return Err(mismatch(path, v4, v6, opts));
                 }
+                (v4, v6)
             }
             _ => {
+                let (v4, v6) = (
+                    opts.ipv4_prefix.unwrap_or(32),
+                    opts.ipv6_prefix.unwrap_or(64),
+                );
                 let put = |txn: &mut RwTxn, k: &[u8], v: &[u8]| {
                     meta.put(txn, k, v)
                         .map_err(|e| lmdb("cannot write meta", e, map_size))
                 };
-                put(&mut wtxn, b"ipv4_prefix", &[opts.ipv4_prefix])?;
-                put(&mut wtxn, b"ipv6_prefix", &[opts.ipv6_prefix])?;
+                put(&mut wtxn, b"ipv4_prefix", &[v4])?;
+                put(&mut wtxn, b"ipv6_prefix", &[v6])?;
                 put(&mut wtxn, b"schema", &SCHEMA_VERSION.to_be_bytes())?;
+                (v4, v6)
             }
-        }
+        };
         if let Some(v) = meta
             .get(&wtxn, b"schema")
             .map_err(|e| lmdb("cannot read meta", e, map_size))?
@@ -357,8 +366,8 @@ impl Core {
         Ok(Core {
             path: path.to_path_buf(),
             map_size,
-            ipv4_prefix: opts.ipv4_prefix,
-            ipv6_prefix: opts.ipv6_prefix,
+            ipv4_prefix: v4,
+            ipv6_prefix: v6,
             ipv6_new_per_48: AtomicU32::new(opts.ipv6_new_per_48),
             timings: Timings {
                 min_delay: AtomicU64::new(opts.min_delay),

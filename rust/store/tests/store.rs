@@ -74,7 +74,7 @@ fn prefix_lengths_are_fixed_at_creation() -> Result<()> {
     let dir = tempfile::tempdir().map_err(|e| StoreError::Storage(e.to_string()))?;
     drop(Store::open(dir.path(), &opts())?);
     let other = Options {
-        ipv4_prefix: 24,
+        ipv4_prefix: Some(24),
         ..opts()
     };
     match Store::open(dir.path(), &other) {
@@ -82,6 +82,13 @@ fn prefix_lengths_are_fixed_at_creation() -> Result<()> {
         Err(e) => panic!("wrong error {e}"),
         Ok(_) => panic!("opened with other prefix lengths"),
     }
+    // Asking for none adopts what is stored.
+    let adopt = Options {
+        ipv4_prefix: None,
+        ipv6_prefix: None,
+        ..opts()
+    };
+    assert_eq!(Store::open(dir.path(), &adopt)?.prefixes(), (32, 64));
     Ok(())
 }
 

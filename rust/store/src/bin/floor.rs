@@ -197,8 +197,8 @@ fn main() {
             ("--dir", Some(v)) => dir = Some(PathBuf::from(v)),
             ("--ops", Some(v)) => ops = v.parse().unwrap_or(ops),
             ("--now", Some(v)) => at = v.parse().ok(),
-            ("--ipv4-prefix", Some(v)) => opts.ipv4_prefix = v.parse().unwrap_or(32),
-            ("--ipv6-prefix", Some(v)) => opts.ipv6_prefix = v.parse().unwrap_or(64),
+            ("--ipv4-prefix", Some(v)) => opts.ipv4_prefix = v.parse().ok(),
+            ("--ipv6-prefix", Some(v)) => opts.ipv6_prefix = v.parse().ok(),
             _ => {
                 eprintln!("usage: kithmail-floor --dir CORE_DIR [--ops N] [--now T] [--ipv4-prefix P] [--ipv6-prefix P]");
                 std::process::exit(2);
