@@ -458,3 +458,20 @@ def test_runtime_errors_exit_1(kith: Kith, tmp_path: Path) -> None:
     blocker.write_text("")
     r = kith("recon", "exempt", "--list", data_dir=blocker)
     assert_one_line_error(r, 1, "kith: error: ", str(blocker))
+
+
+def test_cli_adopts_the_servers_prefix_lengths(kith: Kith, data_dir: Path) -> None:
+    """A server that masks IPv4 to /24 built the core; the CLI needs no flag to read it."""
+    now = int(time.time())
+    core = Core(str(data_dir / "core"), ipv4_prefix=24)
+    core.recon.check("198.51.100.7", now - 10)
+    core.flush()
+    core.close()
+    del core
+    r = kith("recon", "show", "198.51.100.200")
+    assert r.code == 0, r.err
+    f = fields(r.out)
+    assert f["network"] == "198.51.100.0/24"
+    assert f["status now"] == "too_early"
+    r = kith("recon", "show", "198.51.101.1")
+    assert (r.code, r.out.strip()) == (1, "198.51.101.1: no entry (network 198.51.101.0/24)")

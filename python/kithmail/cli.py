@@ -52,12 +52,12 @@ class CoreSettings:
     The values other than ``data_dir`` are the core's defaults today; the
     config file (``-c FILE``, a later issue) fills them from ``[server]``
     and ``[recon]``, so that ``recon show`` judges a row by the server's
-    own timings and the prefix lengths match the stored ones.
+    own timings. Prefix lengths of None adopt those stored in the core.
     """
 
     data_dir: Path
-    ipv4_prefix: int = 32
-    ipv6_prefix: int = 64
+    ipv4_prefix: int | None = None
+    ipv6_prefix: int | None = None
     min_delay: int = 60
     retry_window: int = 86400
     pass_ttl: int = 30 * 86400
@@ -140,10 +140,11 @@ def cidr_arg(text: str) -> str:
     return str(net)
 
 
-def masked_network(ip: str, settings: CoreSettings) -> IpNetwork:
-    """The network Recon keys ``ip`` under."""
+def masked_network(ip: str, core: Core) -> IpNetwork:
+    """The network Recon keys ``ip`` under, by the core's own prefix lengths."""
     addr = _parse_ip(ip)
-    prefix = settings.ipv4_prefix if addr.version == 4 else settings.ipv6_prefix
+    stats = core.stats()
+    prefix = stats["ipv4_prefix"] if addr.version == 4 else stats["ipv6_prefix"]
     return ipaddress.ip_network((addr, prefix), strict=False)
 
 
@@ -159,24 +160,6 @@ def exempting_networks(ip: str, exempt: Sequence[str]) -> list[str]:
         if net.version == addr.version and addr in net:
             found.append(text)
     return found
-
-
-def recon_status_now(
-    first_seen: int, pass_until: int, now: int, settings: CoreSettings, exempt: bool
-) -> str:
-    """What ``Recon.check`` would answer at ``now``, without asking it (it writes).
-
-    The rules of docs/core.md, in their order.
-    """
-    if exempt:
-        return "exempt"
-    if pass_until > now:
-        return "known"
-    if pass_until > 0 or now - first_seen > settings.retry_window:
-        return "new"
-    if now - first_seen < settings.min_delay:
-        return "too_early"
-    return "passed"
 
 
 def fields(pairs: Sequence[tuple[str, str]]) -> str:
@@ -211,13 +194,11 @@ def cmd_recon_show(core: Core, settings: CoreSettings, args: argparse.Namespace)
     exempt_by = exempting_networks(ip, recon.exempt_list())
     entry = recon.show(ip)
     if entry is None and not exempt_by:
-        print(f"{ip}: no entry (network {masked_network(ip, settings)})")
+        print(f"{ip}: no entry (network {masked_network(ip, core)})")
         return 1
     if entry is None:
-        network, first_seen, pass_until = str(masked_network(ip, settings)), 0, 0
-        lines = [("network", network), ("entry", "none")]
+        lines = [("network", str(masked_network(ip, core))), ("entry", "none")]
     else:
-        first_seen, pass_until = entry.first_seen, entry.pass_until
         lines = [
             ("network", entry.network),
             ("first seen", iso(entry.first_seen)),
@@ -227,8 +208,7 @@ def cmd_recon_show(core: Core, settings: CoreSettings, args: argparse.Namespace)
             ("passes", str(entry.passes)),
         ]
     lines.append(("exempt", ", ".join(exempt_by) if exempt_by else "no"))
-    status = recon_status_now(first_seen, pass_until, _now(), settings, bool(exempt_by))
-    lines.append(("status now", status))
+    lines.append(("status now", recon.peek(ip, _now()).status))
     print(fields(lines))
     return 0
 

@@ -572,6 +572,8 @@ impl Core {
         let s = &self.stats;
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Ok(vec![
+            ("ipv4_prefix", self.ipv4_prefix as u64),
+            ("ipv6_prefix", self.ipv6_prefix as u64),
             ("map_size_bytes", info.map_size as u64),
             ("map_used_bytes", used),
             ("readers", info.number_of_readers as u64),
