@@ -69,7 +69,29 @@ pub struct Prefix {
     pub len: u8,
 }
 
+/// The last address of the IPv4-mapped range.
+pub const V4_LAST: u128 = V4_BASE | 0xffff_ffff;
+
 impl Prefix {
+    /// The ranges this prefix covers as a source network. An IPv6 prefix
+    /// shorter than /96 that spans the IPv4-mapped range does not cover IPv4
+    /// sources (as `ipaddress` has it: `192.0.2.1 not in ::/0`), so that
+    /// range is cut out of it.
+    pub fn ranges(&self) -> Vec<(u128, u128)> {
+        let (s, e) = (self.net, self.last());
+        if self.len >= 96 || e < V4_BASE || s > V4_LAST {
+            return vec![(s, e)];
+        }
+        let mut out = Vec::with_capacity(2);
+        if s < V4_BASE {
+            out.push((s, V4_BASE - 1));
+        }
+        if e > V4_LAST {
+            out.push((V4_LAST + 1, e));
+        }
+        out
+    }
+
     pub fn last(&self) -> u128 {
         self.net | !mask(self.len)
     }

@@ -328,6 +328,9 @@ impl Core {
             Ok(())
         })?;
         if !slow.is_empty() {
+            // Sources that share a masked key must be decided in the order
+            // asked, as sequential checks would be.
+            slow.sort_unstable_by_key(|&(i, _)| i);
             self.slow(&slow, now, &mut out)?;
         }
         out.into_iter()
@@ -492,8 +495,13 @@ impl Core {
     /// Remember a Recon deferral of mail from `domain` to `rcpt`.
     pub fn recon_pending_add(&self, domain: &str, rcpt: &str, now: u64) -> Result<()> {
         let k = pending_key(domain, rcpt)?;
+        let window = self.timings.retry_window.load(Ordering::Relaxed);
         self.buffered(|b| {
-            b.cur.pending.entry(k).or_insert(now);
+            let first = b.cur.pending.entry(k).or_insert(now);
+            // An expired deferral starts over.
+            if now.saturating_sub(*first) > window || *first > now {
+                *first = now;
+            }
         })
     }
 
@@ -630,11 +638,11 @@ fn prefix_key(p: Prefix) -> [u8; 17] {
 }
 
 /// The union of prefixes as disjoint, sorted, merged [start, end] ranges.
-pub fn union(mut ps: Vec<Prefix>) -> Vec<(u128, u128)> {
-    ps.sort_unstable();
+pub fn union(ps: Vec<Prefix>) -> Vec<(u128, u128)> {
+    let mut rs: Vec<(u128, u128)> = ps.iter().flat_map(Prefix::ranges).collect();
+    rs.sort_unstable();
     let mut out: Vec<(u128, u128)> = Vec::new();
-    for p in ps {
-        let (s, e) = (p.net, p.last());
+    for (s, e) in rs {
         match out.last_mut() {
             // Overlapping, or adjacent (last.1 + 1 == s); MAX has no successor.
             Some(last) if s <= last.1 || last.1.checked_add(1) == Some(s) => {
@@ -666,7 +674,7 @@ fn pending_key(domain: &str, rcpt: &str) -> Result<Vec<u8>> {
 }
 
 /// Merge a buffered batch into LMDB. Another process may have written the
-/// same rows meanwhile: a longer valid pass already stored wins.
+/// same rows meanwhile: the row with the later sighting wins.
 pub(crate) fn apply(core: &Core, txn: &mut RwTxn, b: &Batch) -> Result<()> {
     let err = core.lmdb_err("Recon commit");
     let (_, window, _) = core.timings.get();
@@ -674,11 +682,10 @@ pub(crate) fn apply(core: &Core, txn: &mut RwTxn, b: &Batch) -> Result<()> {
     rows.sort_unstable_by_key(|(k, _)| **k);
     for (k, row) in rows {
         let kb = key(*k);
+        // Another process may have written this row since ours was read:
+        // the more recent sighting wins, and on a tie the longer pass.
         let merged = match core.recon.get(txn, &kb).map_err(&err)?.map(Row::decode) {
-            Some(old) if old.pass_until > row.pass_until => Row {
-                last_seen: old.last_seen.max(row.last_seen),
-                ..old
-            },
+            Some(old) if (old.last_seen, old.pass_until) > (row.last_seen, row.pass_until) => old,
             _ => *row,
         };
         core.recon.put(txn, &kb, &merged.encode()).map_err(&err)?;
@@ -762,7 +769,18 @@ mod tests {
             addr::parse_cidr("::/0")?,
         ];
         let u = union(ps);
-        assert_eq!(u, vec![(0, u128::MAX)]);
+        // ::/0 covers every IPv6 source but no IPv4 one; the IPv4 prefixes
+        // merge where nested or adjacent.
+        let v4 = |a: &str| addr::parse_ip(a).unwrap_or_default();
+        assert_eq!(
+            u,
+            vec![
+                (0, addr::V4_BASE - 1),
+                (v4("10.0.0.0"), v4("11.255.255.255")),
+                (v4("192.0.2.0"), v4("192.0.2.255")),
+                (addr::V4_LAST + 1, u128::MAX),
+            ]
+        );
         let u = union(vec![
             addr::parse_cidr("10.0.0.0/8")?,
             addr::parse_cidr("11.0.0.0/8")?,

@@ -117,7 +117,28 @@ impl Match {
 /// Flatten prefixes into disjoint [start, end] intervals, each carrying the
 /// length of the most specific prefix that covers it. Prefixes are either
 /// nested or disjoint, so a stack of open prefixes does it in one pass.
-pub fn flatten(mut ps: Vec<Prefix>) -> Vec<(u128, u128, u8)> {
+pub fn flatten(ps: Vec<Prefix>) -> Vec<(u128, u128, u8)> {
+    let ivs = flatten_nested(ps);
+    // An IPv6 prefix shorter than /96 does not cover IPv4 sources: cut the
+    // IPv4-mapped range out of its intervals (IPv4 prefixes nested in it
+    // are /96 or longer and have intervals of their own).
+    let mut out = Vec::with_capacity(ivs.len());
+    for (s, e, len) in ivs {
+        if len >= 96 || e < addr::V4_BASE || s > addr::V4_LAST {
+            out.push((s, e, len));
+            continue;
+        }
+        if s < addr::V4_BASE {
+            out.push((s, addr::V4_BASE - 1, len));
+        }
+        if e > addr::V4_LAST {
+            out.push((addr::V4_LAST + 1, e, len));
+        }
+    }
+    out
+}
+
+fn flatten_nested(mut ps: Vec<Prefix>) -> Vec<(u128, u128, u8)> {
     ps.sort_unstable();
     ps.dedup();
     let mut out = Vec::with_capacity(ps.len());
@@ -552,7 +573,10 @@ mod tests {
     use crate::addr::parse_cidr;
 
     fn lpm_ref(ps: &[Prefix], a: u128) -> Option<u8> {
-        ps.iter().filter(|p| p.contains(a)).map(|p| p.len).max()
+        ps.iter()
+            .filter(|p| p.ranges().iter().any(|&(s, e)| s <= a && a <= e))
+            .map(|p| p.len)
+            .max()
     }
 
     fn lookup_flat(ivs: &[(u128, u128, u8)], a: u128) -> Option<u8> {
