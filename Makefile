@@ -18,12 +18,14 @@ DEB_PACKAGES :=
 
 all: build
 
-$(VENV)/bin/python:
+# The venv counts as made only once maturin is in it, so an interrupted
+# creation is finished by the next run instead of failing for ever.
+$(VENV)/bin/maturin:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet maturin==$(MATURIN_VER)
 
-$(STAMP): $(VENV)/bin/python $(RUST_SRC) pyproject.toml
+$(STAMP): $(VENV)/bin/maturin $(RUST_SRC) pyproject.toml
 	$(VENV)/bin/maturin develop --quiet --extras test
 	touch $@
 
@@ -56,12 +58,12 @@ fmt: build
 	$(VENV)/bin/ruff check --fix python tests bench
 	cargo fmt --all
 
-$(BPY):
+$(BENCH_VENV)/bin/maturin:
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BPY) -m pip install --quiet --upgrade pip
 	$(BPY) -m pip install --quiet maturin==$(MATURIN_VER)
 
-bench: $(BPY)
+bench: $(BENCH_VENV)/bin/maturin
 	$(BENCH_VENV)/bin/maturin build --release --quiet --out target/wheels-bench
 	$(BPY) -m pip install --quiet --force-reinstall --no-deps target/wheels-bench/kithmail-*.whl
 	$(BPY) -m pip install --quiet "lmdb==3.0.0"
