@@ -1,7 +1,7 @@
 """Shared fixtures for the core suites: a fresh environment per test.
 
 Trusts nothing of the extension beyond its stubs (python/kithmail/_core.pyi);
-every environment lives under the test's own tmp_path and is closed after it.
+every environment lives under the test's own tmp_path.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
 @pytest.fixture
 def run_python() -> RunPython:
-    """Run code in a fresh interpreter (the one running the tests); never raises."""
+    """Run code in a fresh interpreter (the one running the tests), any exit code."""
 
     def _run(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -9,6 +9,7 @@ below pin the edges one by one.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import re
 import shutil
@@ -194,6 +195,12 @@ class ReconMachine(RuleBasedStateMachine):
     def check(self, ip: str | bytes) -> None:
         want = self.model.check(ip, self.now)
         assert_matches(self.recon.check(ip, self.now), want, f"check({ip!r}, {self.now})")
+
+    @rule(ip=st.sampled_from(POOL))
+    def peek(self, ip: str | bytes) -> None:
+        # What check would answer, on a copy of the model: peek records nothing.
+        want = copy.deepcopy(self.model).check(ip, self.now)
+        assert_matches(self.recon.peek(ip, self.now), want, f"peek({ip!r}, {self.now})")
 
     @rule(ips=st.lists(st.sampled_from(POOL), min_size=1, max_size=5))
     def check_many(self, ips: list[str | bytes]) -> None:
@@ -887,6 +894,21 @@ def test_other_prefix_lengths_are_refused(open_core: OpenCore) -> None:
     # Timings are not part of the environment: other values open fine.
     again = open_core(ipv4_prefix=24, min_delay=1, retry_window=10, pass_ttl=20)
     assert again.recon.check("192.0.2.9", 1).status == "passed"
+
+
+def test_none_adopts_the_stored_prefix_lengths(open_core: OpenCore) -> None:
+    core = open_core(ipv4_prefix=24, ipv6_prefix=48)
+    core.recon.check("192.0.2.1", 0)
+    core.recon.check("2001:db8:1:2::1", 0)
+    core.close()
+    del core
+    again = open_core(ipv4_prefix=None, ipv6_prefix=None)
+    assert again.recon.check("192.0.2.77", 5).status == "passed"
+    assert again.recon.check("2001:db8:1:ffff::1", 5).status == "passed"
+    again.close()
+    del again
+    with pytest.raises(kithmail.ConfigMismatchError, match="ipv6_prefix"):
+        open_core(ipv4_prefix=None, ipv6_prefix=64)
 
 
 def test_other_prefix_lengths_are_refused_while_open(open_core: OpenCore) -> None:
