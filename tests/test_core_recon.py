@@ -842,9 +842,11 @@ def test_wrong_types_raise_type_error(core: kithmail.Core) -> None:
         r.check("192.0.2.1", "0")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         r.check("192.0.2.1", 1.5)  # type: ignore[arg-type]
-    # A str is a sequence (of one-character strings): refused one way or the other.
-    with pytest.raises((TypeError, kithmail.InvalidInputError)):
+    # A str or bytes is iterable, but one address is not a batch of them.
+    with pytest.raises(TypeError, match="sequence of addresses"):
         r.check_many("192.0.2.1", 0)
+    with pytest.raises(TypeError, match="sequence of addresses"):
+        core.reputation.lookup_many(b"\xc0\x00\x02\x01")
     with pytest.raises(TypeError):
         r.check_many(["192.0.2.1", 7], 0)  # type: ignore[list-item]
     with pytest.raises(TypeError):

