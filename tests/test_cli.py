@@ -475,3 +475,44 @@ def test_cli_adopts_the_servers_prefix_lengths(kith: Kith, data_dir: Path) -> No
     assert f["status now"] == "too_early"
     r = kith("recon", "show", "198.51.101.1")
     assert (r.code, r.out.strip()) == (1, "198.51.101.1: no entry (network 198.51.101.0/24)")
+
+
+def test_check_config_names_every_mistake(kith: Kith, tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[recon]\nmin_delay = "5m"\n[spf]\nsoftfail = "tag"\n')
+    r = kith("check-config", "-c", str(good), data_dir=None)
+    assert (r.code, r.out.strip(), r.err) == (0, f"{good}: OK", "")
+    r = kith("check-config", data_dir=None)
+    assert (r.code, r.out.strip()) == (0, "<embedded default>: OK")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[recon]\nmin_dealy = "60s"\n[domains]\ndownstream = "smtp://nowhere"\n')
+    r = kith("check-config", "-c", str(bad), data_dir=None)
+    assert r.code == 1
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 2, r.err
+    assert f"{bad}: unknown key `recon.min_dealy` (did you mean `min_delay`?)" in lines
+    assert any(line.startswith(f"{bad}: `domains.downstream`") for line in lines)
+    assert "Traceback" not in r.err
+
+
+def test_config_file_gives_data_dir_and_prefix_lengths(kith: Kith, tmp_path: Path) -> None:
+    """With -c, the CLI opens the server's data dir with the server's prefix lengths."""
+    data = tmp_path / "srv"
+    cfg = tmp_path / "kithmail.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{data}"\n[recon]\nipv4_prefix = 24\n')
+    r = kith("-c", str(cfg), "recon", "exempt", "192.0.2.0/24", data_dir=None)
+    assert r.code == 0, r.err
+    assert (data / "core" / "data.mdb").exists()
+    r = kith("-c", str(cfg), "recon", "show", "192.0.2.9", data_dir=None)
+    assert (r.code, fields(r.out)["network"]) == (0, "192.0.2.0/24")
+    # The same core under a config asking for /32 masking is refused, naming the setting.
+    other = tmp_path / "other.toml"
+    other.write_text(f'[server]\ndata_dir = "{data}"\n[recon]\nipv4_prefix = 32\n')
+    r = kith("-c", str(other), "recon", "show", "192.0.2.9", data_dir=None)
+    assert r.code == 1
+    assert "ipv4_prefix = 24" in r.err and "Traceback" not in r.err
+    # A broken config file is one clear error too.
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[recon\n")
+    r = kith("-c", str(broken), "recon", "exempt", "--list", data_dir=None)
+    assert r.code == 1 and "not valid TOML" in r.err

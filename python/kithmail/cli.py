@@ -1,5 +1,7 @@
 """The ``kith`` command: administration of the core tables from the shell.
 
+``kith check-config [-c FILE]`` validates a config file (the embedded
+default without one) and prints every mistake, each naming its key.
 ``kith recon show|exempt``, ``kith reputation load|lists|drop|lookup`` and
 ``kith community add|remove|list|import`` open the core's LMDB environment
 (``<data_dir>/core``), do one job, flush and close. LMDB lets several
@@ -32,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, NoReturn
 
-from kithmail import Core, CoreError, __version__
+from kithmail import Core, CoreError, __version__, config
 from kithmail._core import normalize_entry
 
 DATA_DIR_ENV = "KITHMAIL_DATA_DIR"
@@ -70,12 +72,26 @@ class CoreSettings:
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> CoreSettings:
     """The settings for this run: the command line, then the environment, then defaults.
 
-    ``-c FILE`` slots in between the environment and the defaults: its
-    ``[server] data_dir`` applies when neither ``--data-dir`` nor
-    ``$KITHMAIL_DATA_DIR`` is given.
+    With ``-c FILE`` the file's ``[server] data_dir`` applies when neither
+    ``--data-dir`` nor ``$KITHMAIL_DATA_DIR`` is given, and its ``[recon]``
+    prefix lengths and timings are the server's (a mismatch with the stored
+    prefix lengths is then an error, as it is for the server).
     """
-    data_dir = getattr(args, "data_dir", None) or environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    return CoreSettings(data_dir=Path(data_dir))
+    path = getattr(args, "config", None)
+    if path is None:
+        data_dir = getattr(args, "data_dir", None) or environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+        return CoreSettings(data_dir=Path(data_dir))
+    cfg = config.load(path)
+    data_dir = getattr(args, "data_dir", None) or environ.get(DATA_DIR_ENV) or cfg.server.data_dir
+    r = cfg.recon
+    return CoreSettings(
+        data_dir=Path(data_dir),
+        ipv4_prefix=r.ipv4_prefix,
+        ipv6_prefix=r.ipv6_prefix,
+        min_delay=int(r.min_delay),
+        retry_window=int(r.retry_window),
+        pass_ttl=int(r.pass_ttl),
+    )
 
 
 def open_core(settings: CoreSettings) -> Core:
@@ -410,6 +426,13 @@ def _common() -> _Parser:
     """Options every command takes, before or after its name (``-c FILE`` joins here)."""
     p = _Parser(add_help=False)
     p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="the kithmail.toml the server runs with (default: the embedded default)",
+    )
+    p.add_argument(
         "--data-dir",
         metavar="DIR",
         default=argparse.SUPPRESS,
@@ -442,6 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = actions.add_parser(name, help=help, description=help, parents=[common])
         p.set_defaults(handler=handler, parser=p, check=None)
         return p
+
+    # check-config
+    cc = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file (-c FILE; without one, the embedded default) "
+        "and print every mistake, naming its key; exit 1 when there is one.",
+        parents=[common],
+    )
+    cc.set_defaults(handler=None, parser=cc, check=None)
 
     # recon
     recon = group("recon", "the Recon table (greylisting by source)")
@@ -542,6 +575,17 @@ def run(args: argparse.Namespace, settings: CoreSettings) -> int:
     return status
 
 
+def check_config(path: str | None) -> int:
+    """``kith check-config``: every mistake on stderr, one per line; 0 when none."""
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{cfg.source}: OK")
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The parsed command line; a usage error exits with status 2."""
     args = build_parser().parse_args(argv)
@@ -555,7 +599,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed)
         return e.code if isinstance(e.code, int) else 2
-    settings = settings_from(args, os.environ)
+    if args.command == "check-config":
+        return check_config(getattr(args, "config", None))
+    try:
+        settings = settings_from(args, os.environ)
+    except config.ConfigError as e:
+        print(f"kith: error: {e}", file=sys.stderr)
+        return 1
     try:
         return run(args, settings)
     except CommandError as e:
