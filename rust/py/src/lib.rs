@@ -2,9 +2,10 @@
 //!
 //! It does three things only: take owned values out of Python, call the
 //! store, and turn the result or error back. Batch calls, writes, loads and
-//! sweeps release the GIL (`py.detach`). Single point lookups keep it: the
-//! lookup is a few hundred nanoseconds and releasing and re-taking the GIL
-//! costs about as much (bench/core.py measures both paths).
+//! sweeps release the GIL (`py.detach`). Single point lookups keep it:
+//! measured on a 100 k-source table (release, `Recon.check`), keeping it gave
+//! 1.83 M/s from one thread and 1.90 M/s from two; releasing it gave 1.79 M/s
+//! and 1.25 M/s, the two threads then fighting over the GIL hand-off.
 
 // Python keyword signatures map one to one onto Rust arguments.
 #![allow(clippy::too_many_arguments)]
