@@ -2,6 +2,7 @@
 
 ``kith check-config [-c FILE]`` validates a config file (the embedded
 default without one) and prints every mistake, each naming its key.
+``kith policy [-c FILE]`` runs the Postfix policy service until SIGTERM.
 ``kith recon show|exempt``, ``kith reputation load|lists|drop|lookup`` and
 ``kith community add|remove|list|import`` open the core's LMDB environment
 (``<data_dir>/core``), do one job, flush and close. LMDB lets several
@@ -476,6 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cc.set_defaults(handler=None, parser=cc, check=None)
 
+    # policy
+    pol = commands.add_parser(
+        "policy",
+        help="run the Postfix policy service",
+        description="Serve Recon and Reputation to Postfix over its policy-delegation "
+        "protocol on [server] listeners.policy until SIGTERM or SIGINT.",
+        parents=[common],
+    )
+    pol.set_defaults(handler=None, parser=pol, check=None)
+
     # recon
     recon = group("recon", "the Recon table (greylisting by source)")
     recon_cmds = recon.add_subparsers(dest="subcommand", metavar="ACTION", required=True)
@@ -586,6 +597,28 @@ def check_config(path: str | None) -> int:
     return 0
 
 
+def run_policy(path: str | None, data_dir: str | None) -> int:
+    """``kith policy``: serve until SIGTERM/SIGINT, then flush the core and stop."""
+    from kithmail.smtp.serve import serve_policy
+
+    try:
+        settings = config.load(path)
+    except config.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if data_dir:
+        server = settings.server.model_copy(update={"data_dir": Path(data_dir)})
+        settings = settings.model_copy(update={"server": server})
+    try:
+        return serve_policy(settings)
+    except CoreError as e:
+        print(f"kith: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"kith: error: cannot listen: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The parsed command line; a usage error exits with status 2."""
     args = build_parser().parse_args(argv)
@@ -601,6 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if args.command == "check-config":
         return check_config(getattr(args, "config", None))
+    if args.command == "policy":
+        return run_policy(getattr(args, "config", None), getattr(args, "data_dir", None))
     try:
         settings = settings_from(args, os.environ)
     except config.ConfigError as e:

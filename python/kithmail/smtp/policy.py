@@ -1,0 +1,281 @@
+"""The Postfix SMTPD policy-delegation service: Recon, Reputation (and SPF).
+
+An ISP that already runs Postfix adds kithmail as it would Postgrey:
+`check_policy_service inet:127.0.0.1:10023` in smtpd_recipient_restrictions.
+Each request is `name=value` lines ended by an empty line, many on one
+persistent connection; each answer is `action=...` and an empty line. The
+decisions are the same layer modules and core tables the SMTP listener uses.
+
+Trusts only the clients in `[policy] policy_clients` (anyone else could mark
+sources as passed); everything they send is bounded (line length, attribute
+count, request size, time to finish a request) and parsed as data. Values
+written back (header text, reply text) are ours, never echoed client input.
+Standards: Postfix SMTPD_POLICY_README (protocol), access(5) (actions),
+RFC 3463 (enhanced status codes), RFC 7208 §9.1 (Received-SPF).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kithmail import Core, InvalidInputError, config
+from kithmail._core import normalize_address
+from kithmail.layers import Action, Verdict
+from kithmail.layers import recon as recon_layer
+from kithmail.layers.recon import SpfCheck
+from kithmail.layers.reputation import Reputation
+
+__all__ = ["Limits", "PolicyService"]
+
+log = logging.getLogger("kithmail.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line: int = 4096  # Postfix's longest attributes (ccert_*) fit well inside
+    max_attributes: int = 128
+    max_request: int = 64 * 1024
+    idle_timeout: float = 600.0  # Postfix closes idle policy connections itself
+    request_timeout: float = 10.0  # from the first line of a request to its end
+
+
+DUNNO = "DUNNO"
+_SAFE = str.maketrans({c: "?" for c in map(chr, [*range(32), 127])})
+
+
+def _shown(value: str, n: int = 120) -> str:
+    """A client-supplied value as it may appear in a log line."""
+    return repr(value[:n].translate(_SAFE))
+
+
+class _Malformed(Exception):
+    pass
+
+
+class PolicyService:
+    """Answers Postfix policy requests with kithmail's layer decisions."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        core: Core,
+        reputation: Reputation,
+        spf: SpfCheck,
+        *,
+        clock: Callable[[], float] = time.time,
+        limits: Limits | None = None,
+    ) -> None:
+        self.settings = settings
+        self.core = core
+        self.reputation = reputation
+        self.spf = spf
+        self.clock = clock
+        self.limits = limits or Limits()
+        self._clients = [ipaddress.ip_network(n) for n in settings.policy.policy_clients]
+        self._trusted = [ipaddress.ip_network(n) for n in settings.domains.trusted_networks]
+        self._local = {d.lower() for d in settings.domains.local}
+        # Headers already prepended per Postfix `instance` (one per message):
+        # Postfix asks once per recipient, a header belongs once per message.
+        self._prepended: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
+
+    # ------------------------------------------------------------ decisions
+
+    async def decide(self, attrs: dict[str, str]) -> str:
+        """The `action=` value for one request."""
+        if attrs.get("request") != "smtpd_access_policy":
+            log.warning("policy: unknown request type %s", _shown(attrs.get("request", "")))
+            return DUNNO
+        if attrs.get("protocol_state", "").upper() != "RCPT":
+            return DUNNO
+        client = attrs.get("client_address", "")
+        try:
+            addr = ipaddress.ip_address(client)
+        except ValueError:
+            log.warning("policy: no usable client_address %s", _shown(client))
+            return DUNNO
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        ip = str(addr)
+        if any(addr in n for n in self._trusted if n.version == addr.version):
+            return DUNNO
+        sender = attrs.get("sender", "")
+        recipient = attrs.get("recipient", "")
+        instance = attrs.get("instance", "")
+        now = int(self.clock())
+
+        # A local allow-list match ends the question, Recon included.
+        allow = self.reputation.allowlisted(ip)
+        if allow is not None and self.reputation.skips_recon(ip):
+            return self._log(attrs, allow, DUNNO)
+
+        try:
+            folded_rcpt = normalize_address(recipient)
+        except InvalidInputError:
+            folded_rcpt = recipient.lower() or "<>"
+        rv = await recon_layer.check(
+            self.core,
+            self.settings.recon,
+            [],
+            client_ip=ip,
+            mail_from=sender,
+            recipient=folded_rcpt,
+            now=now,
+            spf=self.spf,
+        )
+        if rv.acts:
+            return self._log(attrs, rv, _action(rv))
+
+        rep = await self.reputation.check(ip)
+        if rep.acts:
+            return self._log(attrs, rep, _action(rep))
+
+        if rv.reason == "recon.passed":
+            return self._log(attrs, rv, self._prepend(instance, "X-Kithmail-Recon", "passed"))
+        return self._log(attrs, rv, DUNNO)
+
+    def _prepend(self, instance: str, name: str, value: str) -> str:
+        if not instance:
+            return f"PREPEND {name}: {value}"
+        done = self._prepended.setdefault(instance, set())
+        self._prepended.move_to_end(instance)
+        while len(self._prepended) > 10_000:
+            self._prepended.popitem(last=False)
+        if name in done:
+            return DUNNO
+        done.add(name)
+        return f"PREPEND {name}: {value}"
+
+    def _log(self, attrs: dict[str, str], v: Verdict, action: str) -> str:
+        log.info(
+            "policy client=%s helo=%s sender=%s rcpt=%s layer=%s reason=%s%s action=%s",
+            attrs.get("client_address", ""),
+            _shown(attrs.get("helo_name", "")),
+            _shown(attrs.get("sender", "")),
+            _shown(attrs.get("recipient", "")),
+            v.layer,
+            v.reason,
+            " shadow" if v.shadow else "",
+            action.split(" ", 1)[0],
+        )
+        return action
+
+    # ------------------------------------------------------------ protocol
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> dict[str, str] | None:
+        """One request, or None at a clean end of the connection."""
+        lim = self.limits
+        attrs: dict[str, str] = {}
+        size = 0
+        malformed = ""
+        first = True
+        deadline = 0.0
+        while True:
+            wait = lim.idle_timeout if first else max(0.0, deadline - time.monotonic())
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), wait)
+            except asyncio.IncompleteReadError as e:
+                if first and not e.partial:
+                    return None
+                raise _Malformed("connection closed in the middle of a request") from None
+            except asyncio.LimitOverrunError:
+                raise _Malformed(f"line longer than {lim.max_line} bytes") from None
+            except TimeoutError:
+                if first:
+                    raise _Malformed("idle too long") from None
+                raise _Malformed("request not finished in time") from None
+            if first:
+                first = False
+                deadline = time.monotonic() + lim.request_timeout
+            size += len(line)
+            if size > lim.max_request:
+                raise _Malformed(f"request over {lim.max_request} bytes")
+            text = line.rstrip(b"\r\n")
+            if not text:
+                if malformed:
+                    raise _Malformed(malformed)
+                return attrs
+            name, eq, value = text.partition(b"=")
+            if not eq or not name:
+                malformed = (
+                    malformed or f"line without name=value: {_shown(text.decode('latin-1'))}"
+                )
+                continue
+            if len(attrs) >= lim.max_attributes:
+                raise _Malformed(f"more than {lim.max_attributes} attributes")
+            # Postfix sends UTF-8 (SMTPUTF8) or ASCII; anything else is kept
+            # as escapes rather than refused: it is data to match, not to run.
+            attrs[name.decode("ascii", "replace")] = value.decode("utf-8", "backslashreplace")
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        host = peer[0] if peer else "?"
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            addr = None
+        if addr is None or not any(addr in n for n in self._clients if n.version == addr.version):
+            log.warning("policy: refused connection from %s (not in policy_clients)", host)
+            writer.close()
+            return
+        try:
+            while True:
+                try:
+                    attrs = await self._read_request(reader)
+                except _Malformed as e:
+                    log.warning("policy: closing connection from %s: %s", host, e)
+                    return
+                if attrs is None:
+                    return
+                try:
+                    action = await self.decide(attrs)
+                except Exception:
+                    # Could not decide: a temporary answer, never a silent pass.
+                    log.exception("policy: could not decide for %s", host)
+                    action = "DEFER_IF_PERMIT 4.3.0 Policy service error, try again later"
+                writer.write(f"action={action}\n\n".encode())
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+
+    async def start(self, listeners: Sequence[str]) -> list[asyncio.Server]:
+        """Listen on each "IP:PORT" / "[IPv6]:PORT"; the servers are returned running."""
+        servers = []
+        for spec in listeners:
+            host, _, port = spec.rpartition(":")
+            servers.append(
+                await asyncio.start_server(
+                    self._client,
+                    host.strip("[]"),
+                    int(port),
+                    limit=self.limits.max_line,
+                    reuse_address=True,
+                )
+            )
+        return servers
+
+
+def _action(v: Verdict) -> str:
+    """A verdict as a Postfix access(5) action."""
+    text = str(v.reply) if v.reply else ""
+    detail = v.reply.text if v.reply else v.reason
+    match v.action:
+        case Action.DEFER:
+            # DEFER_IF_PERMIT: defer only if no later restriction rejects.
+            status = v.reply.status if v.reply else "4.7.1"
+            return f"DEFER_IF_PERMIT {status} {detail}"
+        case Action.REJECT:
+            return text or f"REJECT 5.7.1 {detail}"
+        case Action.QUARANTINE:
+            return f"HOLD {v.reason}"
+        case Action.TAG:
+            return f"PREPEND X-Kithmail-{str(v.layer).capitalize()}: {v.reason}"
+        case _:
+            return DUNNO

@@ -1,0 +1,188 @@
+"""The Postfix policy protocol, spoken to the service directly over loopback.
+
+Exact request/response pairs, then every malformed case: each gets an answer
+or a closed connection with a log line, and other connections carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+import kithmail
+from kithmail import config
+from kithmail.dns import Resolver
+from kithmail.layers.recon import SpfAnswer
+from kithmail.layers.reputation import Reputation
+from kithmail.smtp.policy import Limits, PolicyService
+
+
+class Clock:
+    def __init__(self, t: float = 1_700_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def no_spf(ip: str, sender: str) -> SpfAnswer:
+    return SpfAnswer("none")
+
+
+def request(**attrs: str) -> bytes:
+    base = {"request": "smtpd_access_policy", "protocol_state": "RCPT", "instance": "1"}
+    return ("".join(f"{k}={v}\n" for k, v in {**base, **attrs}.items()) + "\n").encode()
+
+
+async def answer(reader: asyncio.StreamReader) -> str:
+    return (await reader.readuntil(b"\n\n")).decode()
+
+
+@asynccontextmanager
+async def service(
+    tmp_path: Path, clock: Clock, limits: Limits | None = None, **cfg: object
+) -> AsyncIterator[tuple[PolicyService, int, kithmail.Core]]:
+    data = {
+        "server": {"data_dir": str(tmp_path / "var")},
+        "recon": {"min_delay": "60s", "retry_window": "1h"},
+        "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "250ms"},
+        **cfg,
+    }
+    settings = config.from_mapping(data)
+    core = kithmail.Core(str(tmp_path / "core"), min_delay=60, retry_window=3600)
+    rep = Reputation.from_settings(core, settings, Resolver.from_settings(settings.dns))
+    svc = PolicyService(settings, core, rep, no_spf, clock=clock, limits=limits)
+    servers = await svc.start(["127.0.0.1:0"])
+    port = servers[0].sockets[0].getsockname()[1]
+    try:
+        yield svc, port, core
+    finally:
+        for s in servers:
+            s.close()
+        core.close()
+
+
+A = {"client_address": "198.51.100.7", "sender": "bob@example.org", "recipient": "ann@example.test"}
+
+
+def test_greylisting_cycle_on_one_persistent_connection(tmp_path: Path) -> None:
+    async def go() -> None:
+        clock = Clock()
+        async with service(tmp_path, clock) as (_, port, _core):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(request(**A))
+            assert await answer(r) == (
+                "action=DEFER_IF_PERMIT 4.7.1 Greylisted: this server is new to us, retry in 60 s\n\n"
+            )
+            clock.t += 61
+            w.write(request(**A, instance="2"))
+            assert await answer(r) == "action=PREPEND X-Kithmail-Recon: passed\n\n"
+            # The same message's next recipient: the header is not added twice.
+            w.write(request(**{**A, "recipient": "cy@example.test"}, instance="2"))
+            assert await answer(r) == "action=DUNNO\n\n"
+            # Other protocol states, and attributes Postfix may add one day.
+            w.write(request(**A, protocol_state="DATA", some_future_attr="x"))
+            assert await answer(r) == "action=DUNNO\n\n"
+            w.close()
+            await w.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_trusted_network_and_local_lists(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with service(tmp_path, Clock()) as (_, port, core):
+            core.reputation.load("drop", "block", ["203.0.113.0/24"], action="reject")
+            core.reputation.load("friends", "allow", ["192.0.2.0/24"])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(request(**{**A, "client_address": "127.0.0.1"}))
+            assert await answer(r) == "action=DUNNO\n\n"
+            w.write(request(**{**A, "client_address": "192.0.2.80"}))
+            assert await answer(r) == "action=DUNNO\n\n", "allow list skips Recon too"
+            assert core.recon.show("192.0.2.80") is None
+            # A listed source is deferred by Recon first (it never retries, we never
+            # spend a lookup); once it has passed Recon the block list rejects it.
+            core.recon.exempt_add("203.0.113.0/24")
+            w.write(request(**{**A, "client_address": "203.0.113.9"}))
+            got = await answer(r)
+            assert got.startswith("action=554 5.7.1 "), got
+            w.close()
+            await w.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_only_policy_clients_may_connect(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        async with service(tmp_path, Clock(), policy={"policy_clients": ["127.0.0.2/32"]}) as (
+            _,
+            port,
+            core,
+        ):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(request(**A))
+            try:
+                got = await r.read()
+            except ConnectionResetError:
+                got = b""
+            assert got == b"", "refused: closed without an answer"
+            w.close()
+            assert core.recon.show(A["client_address"]) is None, "nothing was marked"
+
+    with caplog.at_level(logging.WARNING, "kithmail.policy"):
+        asyncio.run(go())
+    assert "not in policy_clients" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("payload", "logged"),
+    [
+        (b"no equals sign\n\n", "line without name=value"),
+        (b"client_address=" + b"9" * 5000 + b"\n\n", "line longer than"),
+        (b"".join(b"a%d=1\n" % i for i in range(200)) + b"\n", "more than 128 attributes"),
+        (b"request=smtpd_access_policy\nclient_address=1.2.3.4\n", "not finished in time"),
+    ],
+)
+def test_malformed_requests_close_with_a_log_line_and_others_carry_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, payload: bytes, logged: str
+) -> None:
+    async def go() -> None:
+        limits = Limits(request_timeout=0.3)
+        async with service(tmp_path, Clock(), limits) as (_, port, _core):
+            good_r, good_w = await asyncio.open_connection("127.0.0.1", port)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(payload)
+            try:
+                got = await asyncio.wait_for(r.read(), 5)
+            except ConnectionResetError:  # closed while our bytes were unread
+                got = b""
+            assert got == b""
+            w.close()
+            good_w.write(request(**A))
+            assert (await answer(good_r)).startswith("action=DEFER_IF_PERMIT")
+            good_w.close()
+            await good_w.wait_closed()
+
+    with caplog.at_level(logging.WARNING, "kithmail.policy"):
+        asyncio.run(go())
+    assert logged in caplog.text
+
+
+def test_hundreds_of_persistent_connections(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with service(tmp_path, Clock()) as (_, port, _core):
+            conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(300)]
+            for i, (_, w) in enumerate(conns):
+                w.write(request(**{**A, "client_address": f"10.0.{i // 250}.{i % 250}"}))
+            answers = await asyncio.gather(*(answer(r) for r, _ in conns))
+            assert all(a.startswith("action=DEFER_IF_PERMIT 4.7.1") for a in answers)
+            for _, w in conns:
+                w.close()
+            await asyncio.gather(*(w.wait_closed() for _, w in conns))
+
+    asyncio.run(go())
