@@ -38,5 +38,5 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
     )

@@ -245,8 +245,14 @@ class PolicyService:
         finally:
             writer.close()
 
-    async def start(self, listeners: Sequence[str]) -> list[asyncio.Server]:
-        """Listen on each "IP:PORT" / "[IPv6]:PORT"; the servers are returned running."""
+    async def start(
+        self, listeners: Sequence[str], *, reuse_port: bool = False
+    ) -> list[asyncio.Server]:
+        """Listen on each "IP:PORT" / "[IPv6]:PORT"; the servers are returned running.
+
+        `reuse_port` lets several worker processes share each port
+        (SO_REUSEPORT: the kernel spreads connections across them).
+        """
         servers = []
         for spec in listeners:
             host, _, port = spec.rpartition(":")
@@ -257,6 +263,7 @@ class PolicyService:
                     int(port),
                     limit=self.limits.max_line,
                     reuse_address=True,
+                    reuse_port=reuse_port,
                 )
             )
         return servers

@@ -8,7 +8,9 @@ group-commit buffer is flushed before the process exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 
 from kithmail import config
@@ -22,8 +24,43 @@ log = logging.getLogger("kithmail.serve")
 
 
 def serve_policy(settings: config.Settings) -> int:
-    """Run the policy service on `[server] listeners.policy`; 0 after a clean stop."""
+    """Run the policy service on `[server] listeners.policy`; 0 after a clean stop.
+
+    With `[server] workers` > 1 the process forks that many workers, each
+    opening the core after the fork (LMDB must not cross a fork) and binding
+    every listener with SO_REUSEPORT; the parent forwards SIGTERM/SIGINT and
+    waits for them.
+    """
     setup_logging()
+    n = settings.server.workers
+    if n <= 1:
+        return _worker(settings, reuse_port=False)
+    children: list[int] = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _worker(settings, reuse_port=True)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(sig: int, _frame: object) -> None:
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for c in children:
+        _, status = os.waitpid(c, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
+    return worst
+
+
+def _worker(settings: config.Settings, *, reuse_port: bool) -> int:
     core = open_core(settings)
     try:
         resolver = Resolver.from_settings(settings.dns)
@@ -33,23 +70,23 @@ def serve_policy(settings: config.Settings) -> int:
             Reputation.from_settings(core, settings, resolver),
             SpfChecker(settings.dns.nameservers, settings.dns.timeout),
         )
-        asyncio.run(_run(service, settings.server.listeners.policy))
+        asyncio.run(_run(service, settings.server.listeners.policy, reuse_port))
     finally:
         core.flush()
         core.close()
     return 0
 
 
-async def _run(service: PolicyService, listeners: list[str]) -> None:
+async def _run(service: PolicyService, listeners: list[str], reuse_port: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    servers = await service.start(listeners)
+    servers = await service.start(listeners, reuse_port=reuse_port)
     for spec in listeners:
-        log.info("policy service listening on %s", spec)
+        log.info("policy service listening on %s (pid %d)", spec, os.getpid())
     await stop.wait()
-    log.info("policy service stopping")
+    log.info("policy service stopping (pid %d)", os.getpid())
     for s in servers:
         s.close()
     for s in servers:
