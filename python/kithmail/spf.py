@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import ipaddress
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -24,6 +23,7 @@ import dns.exception
 import dns.resolver
 import spf as pyspf
 
+from kithmail.dns import parse_nameserver
 from kithmail.layers.recon import SpfAnswer
 
 __all__ = ["SpfChecker"]
@@ -92,7 +92,7 @@ class SpfChecker:
         ips: list[str] = []
         port = 53
         for ns in nameservers:
-            host, p = _split(ns)
+            host, p = parse_nameserver(ns)
             ips.append(host)
             port = p  # dnspython has one port per resolver; the config uses one
         r.nameservers = ips
@@ -116,15 +116,3 @@ class SpfChecker:
     async def __call__(self, ip: str, sender: str) -> SpfAnswer:
         """As `check_sync`, in a thread (pyspf blocks on DNS)."""
         return await asyncio.to_thread(self.check_sync, ip, sender)
-
-
-def _split(ns: str) -> tuple[str, int]:
-    if ns.startswith("["):
-        host, _, port = ns[1:].partition("]:")
-        return host, int(port)
-    try:
-        ipaddress.ip_address(ns)
-        return ns, 53
-    except ValueError:
-        host, _, port = ns.rpartition(":")
-        return host, int(port)
