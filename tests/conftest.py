@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dns_server import SilentServer, StartDnsmasq, dnsmasq_servers, silent_server
 
 import kithmail
 
@@ -80,3 +81,20 @@ def run_python() -> RunPython:
         )
 
     return _run
+
+
+# --- real DNS servers (tests/dns_server.py) ----------------------------------
+
+
+@pytest.fixture
+def dnsmasq(tmp_path: Path) -> Iterator[StartDnsmasq]:
+    """Start dnsmasq processes serving the records given; all stopped at the end."""
+    with dnsmasq_servers(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    """A UDP socket on loopback that never answers."""
+    with silent_server() as s:
+        yield s

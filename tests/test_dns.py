@@ -11,8 +11,7 @@ over TCP) arrive whole.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable
 from typing import TypeVar
 
 import dns.message
@@ -20,7 +19,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 from dns.rdtypes.ANY.TXT import TXT as TXTRdata
-from dns_server import Dnsmasq, SilentServer, StartDnsmasq, dnsmasq_servers, silent_server
+from dns_server import Dnsmasq, SilentServer, StartDnsmasq
 
 from kithmail import config
 from kithmail.dns import MX, Resolver, Status, parse_nameserver
@@ -39,18 +38,6 @@ def run(aw: Awaitable[T]) -> T:
         return await aw
 
     return asyncio.run(main())
-
-
-@pytest.fixture
-def dnsmasq(tmp_path: Path) -> Iterator[StartDnsmasq]:
-    with dnsmasq_servers(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-def silent() -> Iterator[SilentServer]:
-    with silent_server() as s:
-        yield s
 
 
 @pytest.fixture

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from dns_server import Dnsmasq, SilentServer, StartDnsmasq, dnsmasq_servers, silent_server
+from dns_server import Dnsmasq, SilentServer, StartDnsmasq
 
 import kithmail
 from kithmail import config
@@ -29,18 +27,6 @@ LISTED = "192.0.2.7"
 LISTED6 = "2001:db8::7"
 CLEAN = "198.51.100.1"
 REFUSED_BY_LIST = "192.0.2.99"
-
-
-@pytest.fixture
-def dnsmasq(tmp_path: Path) -> Iterator[StartDnsmasq]:
-    with dnsmasq_servers(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-def silent() -> Iterator[SilentServer]:
-    with silent_server() as s:
-        yield s
 
 
 @pytest.fixture

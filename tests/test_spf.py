@@ -7,11 +7,10 @@ which pool-aware Recon retries need (through includes, and never `all`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dns_server import Dnsmasq, SilentServer, dnsmasq_servers
+from dns_server import Dnsmasq, SilentServer, StartDnsmasq
 
 import kithmail
 from kithmail.config import Recon as ReconPolicy
@@ -31,13 +30,8 @@ RECORDS = [
 
 
 @pytest.fixture
-def dns(tmp_path: Path) -> Iterator[Dnsmasq]:
-    with dnsmasq_servers(tmp_path) as start:
-        yield start(
-            zones=["example.test"],
-            txt=RECORDS,
-            a=[("host.example.test", "203.0.113.10")],
-        )
+def dns(dnsmasq: StartDnsmasq) -> Dnsmasq:
+    return dnsmasq(zones=["example.test"], txt=RECORDS, a=[("host.example.test", "203.0.113.10")])
 
 
 @pytest.mark.parametrize(
@@ -65,15 +59,11 @@ def test_results_and_the_network_of_a_pass(
     assert all(name.endswith("example.test") for _, name, _ in dns.queries())
 
 
-def test_a_silent_nameserver_is_temperror_not_a_hang() -> None:
-    silent = SilentServer()
-    try:
-        checker = SpfChecker([silent.address], timeout=0.3)
-        a = asyncio.run(checker("192.0.2.5", "ann@example.test"))
-        assert a.result == "temperror"
-        assert silent.received() >= 1, "the query went to the configured server only"
-    finally:
-        silent.close()
+def test_a_silent_nameserver_is_temperror_not_a_hang(silent: SilentServer) -> None:
+    checker = SpfChecker([silent.address], timeout=0.3)
+    a = asyncio.run(checker("192.0.2.5", "ann@example.test"))
+    assert a.result == "temperror"
+    assert silent.received() >= 1, "the query went to the configured server only"
 
 
 def test_a_pool_retry_passes_recon_with_real_spf(dns: Dnsmasq, tmp_path: Path) -> None:

@@ -259,12 +259,7 @@ impl Core {
             }
         }
         let err = self.lmdb_err("reputation lookup");
-        let gen = self
-            .meta
-            .get(txn, b"rep_gen")
-            .map_err(&err)?
-            .map(|v| be_u64(v, 0))
-            .unwrap_or(0);
+        let gen = self.rep_gen(txn)?;
         let mut cache = self.rep_cache.write().unwrap_or_else(|p| p.into_inner());
         if cache.gen != Some(gen) {
             let mut lists = Vec::new();
@@ -442,14 +437,18 @@ impl Core {
         Ok(())
     }
 
-    fn bump_rep_gen(&self, txn: &mut RwTxn) -> Result<()> {
-        let err = self.lmdb_err("cannot update list directory");
-        let gen = self
+    /// The list directory's generation: it moves with every load and drop.
+    fn rep_gen(&self, txn: &RoTxn) -> Result<u64> {
+        Ok(self
             .meta
             .get(txn, b"rep_gen")
-            .map_err(&err)?
-            .map(|v| be_u64(v, 0))
-            .unwrap_or(0);
+            .map_err(self.lmdb_err("cannot read the list directory"))?
+            .map_or(0, |v| be_u64(v, 0)))
+    }
+
+    fn bump_rep_gen(&self, txn: &mut RwTxn) -> Result<()> {
+        let err = self.lmdb_err("cannot update list directory");
+        let gen = self.rep_gen(txn)?;
         self.meta
             .put(txn, b"rep_gen", &(gen + 1).to_be_bytes())
             .map_err(&err)
