@@ -13,12 +13,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 import kithmail
 from kithmail import config
 from kithmail.dns import Resolver
 from kithmail.layers.recon import SpfAnswer
 from kithmail.layers.reputation import Reputation
+from kithmail.metrics import Metrics
 from kithmail.smtp.policy import Limits, PolicyService
 
 
@@ -45,8 +47,13 @@ async def answer(reader: asyncio.StreamReader) -> str:
 
 @asynccontextmanager
 async def service(
-    tmp_path: Path, clock: Clock, limits: Limits | None = None, **cfg: object
+    tmp_path: Path,
+    clock: Clock,
+    limits: Limits | None = None,
+    registry: CollectorRegistry | None = None,
+    **cfg: object,
 ) -> AsyncIterator[tuple[PolicyService, int, kithmail.Core]]:
+    registry = registry or CollectorRegistry()
     data = {
         "server": {"data_dir": str(tmp_path / "var")},
         "recon": {"min_delay": "60s", "retry_window": "1h"},
@@ -56,7 +63,9 @@ async def service(
     settings = config.from_mapping(data)
     core = kithmail.Core(str(tmp_path / "core"), min_delay=60, retry_window=3600)
     rep = Reputation.from_settings(core, settings, Resolver.from_settings(settings.dns))
-    svc = PolicyService(settings, core, rep, no_spf, clock=clock, limits=limits)
+    svc = PolicyService(
+        settings, core, rep, no_spf, clock=clock, limits=limits, metrics=Metrics("policy", registry)
+    )
     servers = await svc.start(["127.0.0.1:0"])
     port = servers[0].sockets[0].getsockname()[1]
     try:
@@ -71,9 +80,11 @@ A = {"client_address": "198.51.100.7", "sender": "bob@example.org", "recipient":
 
 
 def test_greylisting_cycle_on_one_persistent_connection(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+
     async def go() -> None:
         clock = Clock()
-        async with service(tmp_path, clock) as (_, port, _core):
+        async with service(tmp_path, clock, registry=registry) as (_, port, _core):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(request(**A))
             assert await answer(r) == (
@@ -92,6 +103,12 @@ def test_greylisting_cycle_on_one_persistent_connection(tmp_path: Path) -> None:
             await w.wait_closed()
 
     asyncio.run(go())
+    sample = registry.get_sample_value
+    labels = {"frontend": "policy", "layer": "recon", "shadow": "no"}
+    assert sample("kithmail_verdicts_total", {**labels, "action": "defer"}) == 1
+    assert sample("kithmail_verdicts_total", {**labels, "action": "accept"}) == 2
+    assert sample("kithmail_policy_requests_total", {"result": "answered"}) == 4
+    assert sample("kithmail_layer_seconds_count", {"frontend": "policy", "layer": "recon"}) == 3
 
 
 def test_trusted_network_and_local_lists(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import kithmail
@@ -53,12 +54,12 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
-    port = free_port()
+    port, web = free_port(), free_port()
     data = tmp_path / "var"
     cfg = tmp_path / "kithmail.toml"
     cfg.write_text(
         f'[server]\ndata_dir = "{data}"\nworkers = 2\n'
-        f'listeners = {{ policy = ["127.0.0.1:{port}"] }}\n'
+        f'listeners = {{ policy = ["127.0.0.1:{port}"], web = ["127.0.0.1:{web}"] }}\n'
         '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "200ms"\n'
     )
     log = tmp_path / "policy.log"
@@ -67,11 +68,19 @@ def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
         try:
             wait_listening(port, proc)
             answers = [ask(port, f"198.51.100.{i}") for i in range(1, 41)]
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=15)
     assert code == 0
     assert all(a.startswith("action=DEFER_IF_PERMIT 4.7.1 ") for a in answers)
+    # /metrics merges both workers' counts.
+    want = (
+        'kithmail_verdicts_total{action="defer",frontend="policy",layer="recon",shadow="no"} 40.0'
+    )
+    assert want in metrics, metrics[-3000:]
+    assert 'kithmail_policy_requests_total{result="answered"} 40.0' in metrics
     text = log.read_text()
     deciders = set(re.findall(r"kithmail\.policy\[(\d+)\] policy client=", text))
     assert len(deciders) == 2, f"both workers answered: {text[-2000:]}"

@@ -30,6 +30,7 @@ from kithmail.layers import Action, Verdict
 from kithmail.layers import recon as recon_layer
 from kithmail.layers.recon import SpfCheck
 from kithmail.layers.reputation import Reputation
+from kithmail.metrics import Metrics
 
 __all__ = ["Limits", "PolicyService"]
 
@@ -70,6 +71,7 @@ class PolicyService:
         *,
         clock: Callable[[], float] = time.time,
         limits: Limits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.core = core
@@ -77,6 +79,7 @@ class PolicyService:
         self.spf = spf
         self.clock = clock
         self.limits = limits or Limits()
+        self.metrics = metrics
         self._clients = [ipaddress.ip_network(n) for n in settings.policy.policy_clients]
         self._trusted = [ipaddress.ip_network(n) for n in settings.domains.trusted_networks]
         self._local = {d.lower() for d in settings.domains.local}
@@ -118,6 +121,7 @@ class PolicyService:
             folded_rcpt = normalize_address(recipient)
         except InvalidInputError:
             folded_rcpt = recipient.lower() or "<>"
+        t0 = time.perf_counter()
         rv = await recon_layer.check(
             self.core,
             self.settings.recon,
@@ -128,10 +132,13 @@ class PolicyService:
             now=now,
             spf=self.spf,
         )
+        self._timed("recon", t0)
         if rv.acts:
             return self._log(attrs, rv, _action(rv))
 
+        t0 = time.perf_counter()
         rep = await self.reputation.check(ip)
+        self._timed("reputation", t0)
         if rep.acts:
             return self._log(attrs, rep, _action(rep))
 
@@ -151,7 +158,17 @@ class PolicyService:
         done.add(name)
         return f"PREPEND {name}: {value}"
 
+    def _timed(self, layer: str, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.layer_seconds.labels("policy", layer).observe(time.perf_counter() - t0)
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(result).inc()
+
     def _log(self, attrs: dict[str, str], v: Verdict, action: str) -> str:
+        if self.metrics is not None:
+            self.metrics.verdict(str(v.layer), str(v.action), v.shadow)
         log.info(
             "policy client=%s helo=%s sender=%s rcpt=%s layer=%s reason=%s%s action=%s",
             attrs.get("client_address", ""),
@@ -221,6 +238,7 @@ class PolicyService:
             addr = None
         if addr is None or not any(addr in n for n in self._clients if n.version == addr.version):
             log.warning("policy: refused connection from %s (not in policy_clients)", host)
+            self._count("refused")
             writer.close()
             return
         try:
@@ -229,14 +247,17 @@ class PolicyService:
                     attrs = await self._read_request(reader)
                 except _Malformed as e:
                     log.warning("policy: closing connection from %s: %s", host, e)
+                    self._count("malformed")
                     return
                 if attrs is None:
                     return
                 try:
                     action = await self.decide(attrs)
+                    self._count("answered")
                 except Exception:
                     # Could not decide: a temporary answer, never a silent pass.
                     log.exception("policy: could not decide for %s", host)
+                    self._count("error")
                     action = "DEFER_IF_PERMIT 4.3.0 Policy service error, try again later"
                 writer.write(f"action={action}\n\n".encode())
                 await writer.drain()

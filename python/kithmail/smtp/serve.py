@@ -16,6 +16,7 @@ import signal
 from kithmail import config
 from kithmail.dns import Resolver
 from kithmail.layers.reputation import Reputation
+from kithmail.metrics import Metrics, multiprocess_dir, serve_metrics
 from kithmail.runtime import open_core, setup_logging
 from kithmail.smtp.policy import PolicyService
 from kithmail.spf import SpfChecker
@@ -26,6 +27,8 @@ log = logging.getLogger("kithmail.serve")
 def serve_policy(settings: config.Settings) -> int:
     """Run the policy service on `[server] listeners.policy`; 0 after a clean stop.
 
+    /metrics is served on the first `[server] listeners.web` address.
+
     With `[server] workers` > 1 the process forks that many workers, each
     opening the core after the fork (LMDB must not cross a fork) and binding
     every listener with SO_REUSEPORT; the parent forwards SIGTERM/SIGINT and
@@ -33,8 +36,14 @@ def serve_policy(settings: config.Settings) -> int:
     """
     setup_logging()
     n = settings.server.workers
+    web = settings.server.listeners.web[0]
     if n <= 1:
+        serve_metrics(web, multiprocess=False)
+        log.info("metrics on http://%s/metrics", web)
         return _worker(settings, reuse_port=False)
+    multiprocess_dir(settings.server.data_dir)
+    serve_metrics(web, multiprocess=True)
+    log.info("metrics on http://%s/metrics (merged from %d workers)", web, n)
     children: list[int] = []
     for _ in range(n):
         pid = os.fork()
@@ -69,6 +78,7 @@ def _worker(settings: config.Settings, *, reuse_port: bool) -> int:
             core,
             Reputation.from_settings(core, settings, resolver),
             SpfChecker(settings.dns.nameservers, settings.dns.timeout),
+            metrics=Metrics("policy"),
         )
         asyncio.run(_run(service, settings.server.listeners.policy, reuse_port))
     finally:

@@ -1,0 +1,89 @@
+"""The Prometheus metrics of a kithmail process, and their /metrics endpoint.
+
+Names follow Prometheus conventions: `kithmail_` prefix, base units
+(seconds), `_total` counters, and label values from closed sets only (a
+layer, an action, a front end, a result) — never an address or an IP.
+
+With several worker processes, each worker records into prometheus-client's
+multiprocess files under `<data_dir>/metrics` and the supervising process
+serves the merged view; set up by `multiprocess_dir` before any worker
+creates a metric.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    start_http_server,
+    values,
+)
+from prometheus_client import multiprocess as prom_mp
+
+__all__ = ["Metrics", "multiprocess_dir", "serve_metrics"]
+
+_LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """The metrics one front end records (`frontend` is "smtp" or "policy")."""
+
+    def __init__(self, frontend: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self.frontend = frontend
+        self.verdicts = Counter(
+            "kithmail_verdicts",
+            "Layer decisions, by front end, layer and action (shadow: recorded, not enforced).",
+            ["frontend", "layer", "action", "shadow"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "kithmail_policy_requests",
+            "Policy-service requests by result: answered, malformed, refused, error.",
+            ["result"],
+            registry=registry,
+        )
+        self.layer_seconds = Histogram(
+            "kithmail_layer_seconds",
+            "Time a layer took to decide, by front end and layer.",
+            ["frontend", "layer"],
+            buckets=_LATENCY,
+            registry=registry,
+        )
+
+    def verdict(self, layer: str, action: str, shadow: bool) -> None:
+        self.verdicts.labels(self.frontend, layer, action, "yes" if shadow else "no").inc()
+
+
+def multiprocess_dir(data_dir: Path) -> Path:
+    """Prepare `<data_dir>/metrics` for worker processes; call before forking.
+
+    prometheus-client picks its multiprocess storage from the environment
+    when a metric is first created, so the variable is set here, in the
+    parent, before any worker exists. Old files from a previous run are
+    removed: counters start from zero with the process, as Prometheus expects.
+    """
+    d = data_dir / "metrics"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(d)
+    # prometheus-client chose its value storage when it was imported; choose
+    # again now that the directory is set (metrics made later use it).
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return d
+
+
+def serve_metrics(listener: str, *, multiprocess: bool) -> None:
+    """Serve /metrics on "IP:PORT" from a background thread."""
+    host, _, port = listener.rpartition(":")
+    if multiprocess:
+        registry = CollectorRegistry()
+        prom_mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(int(port), host.strip("[]"), registry=registry)
+    else:
+        start_http_server(int(port), host.strip("[]"))
