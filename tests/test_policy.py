@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from dns_server import StartDnsmasq
 from prometheus_client import CollectorRegistry
 
 import kithmail
@@ -22,6 +23,7 @@ from kithmail.layers.recon import SpfAnswer
 from kithmail.layers.reputation import Reputation
 from kithmail.metrics import Metrics
 from kithmail.smtp.policy import Limits, PolicyService
+from kithmail.spf import SpfChecker
 
 
 class Clock:
@@ -201,5 +203,65 @@ def test_hundreds_of_persistent_connections(tmp_path: Path) -> None:
             for _, w in conns:
                 w.close()
             await asyncio.gather(*(w.wait_closed() for _, w in conns))
+
+    asyncio.run(go())
+
+
+def test_spf_where_configured(tmp_path: Path, dnsmasq: StartDnsmasq) -> None:
+    zone = dnsmasq(
+        zones=["example.org"],
+        txt=[
+            ("example.org", "v=spf1 ip4:192.0.2.0/24 -all"),
+            ("soft.example.org", "v=spf1 ~all"),
+        ],
+    )
+
+    async def go() -> None:
+        settings = config.from_mapping(
+            {
+                "server": {"data_dir": str(tmp_path / "var")},
+                "dns": {"nameservers": [zone.address], "timeout": "2s"},
+                "policy": {"spf": True},
+            }
+        )
+        core = kithmail.Core(str(tmp_path / "core"))
+        core.recon.exempt_add("192.0.2.0/24")  # past Recon, to reach SPF
+        core.recon.exempt_add("198.51.100.0/24")
+        rep = Reputation.from_settings(core, settings, Resolver.from_settings(settings.dns))
+        spf = SpfChecker(settings.dns.nameservers, settings.dns.timeout)
+        svc = PolicyService(
+            settings, core, rep, spf, metrics=Metrics("policy", CollectorRegistry())
+        )
+        servers = await svc.start(["127.0.0.1:0"])
+        port = servers[0].sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+
+        async def ask(**attrs: str) -> str:
+            w.write(request(**attrs))
+            return await answer(r)
+
+        base = {
+            "client_address": "192.0.2.5",
+            "sender": "bob@example.org",
+            "recipient": "ann@x.test",
+        }
+        assert await ask(**base, helo_name="mail.example.org", instance="m1") == (
+            "action=PREPEND Received-SPF: pass (kithmail) client-ip=192.0.2.5; "
+            'envelope-from="bob@example.org"; helo=mail.example.org;\n\n'
+        )
+        # Once per message: the second recipient of m1 adds nothing.
+        assert await ask(**base, instance="m1") == "action=DUNNO\n\n"
+        # A client string that is not plain never reaches the header.
+        got = await ask(**base, helo_name='evil"\tname', instance="m2")
+        assert "helo=" not in got and "evil" not in got
+        fail = await ask(**{**base, "client_address": "198.51.100.9"}, instance="m3")
+        assert fail.startswith("action=550 5.7.23 SPF fail"), fail
+        soft = await ask(**{**base, "sender": "x@soft.example.org"}, instance="m4")
+        assert soft == "action=HOLD spf.softfail\n\n"
+        w.close()
+        await w.wait_closed()
+        for s in servers:
+            s.close()
+        core.close()
 
     asyncio.run(go())

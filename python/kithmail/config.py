@@ -324,6 +324,10 @@ class Spf(_Section):
     temperror: Action = "defer"
     permerror: Action = "quarantine"
 
+    def action_for(self, result: str) -> Action:
+        """The configured action for an SPF result."""
+        return self.pass_ if result == "pass" else getattr(self, result, self.permerror)
+
 
 class Dkim(_Section):
     mode: Mode = "enforce"
@@ -367,6 +371,9 @@ class Community(_Section):
 
 class Policy(_Section):
     policy_clients: list[Network] = ["127.0.0.1/32"]
+    spf: bool = Field(
+        False, description="Also check SPF for MAIL FROM and act by [spf] (one lookup per message)"
+    )
 
 
 class Settings(_Section):

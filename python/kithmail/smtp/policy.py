@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from kithmail import Core, InvalidInputError, config
 from kithmail._core import normalize_address
-from kithmail.layers import Action, Verdict
+from kithmail.layers import Action, Layer, SmtpReply, Verdict
 from kithmail.layers import recon as recon_layer
 from kithmail.layers.recon import SpfCheck
 from kithmail.layers.reputation import Reputation
@@ -142,9 +142,40 @@ class PolicyService:
         if rep.acts:
             return self._log(attrs, rep, _action(rep))
 
+        if self.settings.policy.spf:
+            sv, header = await self._spf(ip, sender, attrs.get("helo_name", ""), instance)
+            if sv.acts:
+                return self._log(attrs, sv, _action(sv))
+            if header:
+                return self._log(attrs, sv, self._prepend(instance, "Received-SPF", header))
         if rv.reason == "recon.passed":
             return self._log(attrs, rv, self._prepend(instance, "X-Kithmail-Recon", "passed"))
         return self._log(attrs, rv, DUNNO)
+
+    async def _spf(self, ip: str, sender: str, helo: str, instance: str) -> tuple[Verdict, str]:
+        """SPF for the MAIL FROM identity, as `[spf]` says to act on it.
+
+        Returns the verdict and a Received-SPF value (RFC 7208 §9.1) to
+        prepend; the client's strings go into it only when they are plain
+        (no quotes, spaces or control characters), never as given.
+        """
+        answer = await self.spf(ip, sender)
+        res = answer.result
+        action = Action(self.settings.spf.action_for(res))
+        reply = None
+        if action is Action.REJECT:
+            reply = SmtpReply(550, "5.7.23", f"SPF {res}: this server may not send for the sender")
+        elif action is Action.DEFER:
+            reply = SmtpReply(451, "4.7.24", f"SPF {res}: try again later")
+        v = Verdict(Layer.SPOOFING, action, f"spf.{res}", reply=reply)
+        if self.settings.spf.mode == "shadow" and v.acts:
+            v = v.in_shadow()
+        parts = [f"{res} (kithmail) client-ip={ip};"]
+        if sender and _plain(sender):
+            parts.append(f'envelope-from="{sender}";')
+        if helo and _plain(helo):
+            parts.append(f"helo={helo};")
+        return v, " ".join(parts)
 
     def _prepend(self, instance: str, name: str, value: str) -> str:
         if not instance:
@@ -288,6 +319,11 @@ class PolicyService:
                 )
             )
         return servers
+
+
+def _plain(value: str) -> bool:
+    """Safe to quote into a header: printable ASCII, no quote, space or backslash."""
+    return len(value) <= 254 and all(33 <= ord(c) <= 126 and c not in '"\\;' for c in value)
 
 
 def _action(v: Verdict) -> str:
