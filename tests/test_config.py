@@ -155,3 +155,11 @@ def test_durations(text: str | int, seconds: int) -> None:
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         config.parse_duration(bad)
+
+
+def test_the_config_reference_is_current() -> None:
+    """docs/config.md is made from the models; regenerate it when a key changes:
+    python -c "from kithmail import config; open('docs/config.md','w').write(config.reference())"
+    """
+    doc = Path(__file__).parent.parent / "docs" / "config.md"
+    assert doc.read_text() == config.reference()

@@ -214,12 +214,12 @@ class Server(_Section):
     )
     tls_cert: Path | None = Field(None, description="PEM certificate; self-signed when unset")
     tls_key: Path | None = Field(None, description="PEM private key")
-    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version offered")
     trusted_upstreams: list[Network] = Field(
         [], description="May pass the client address by PROXY or XCLIENT"
     )
     core_map_size: Size = Field(64 << 30, description="LMDB map size (sparse)")
-    workers: int = Field(1, ge=1, le=64, description="SMTP worker processes")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes sharing each port")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Server:
@@ -230,10 +230,19 @@ class Server(_Section):
 
 class Domains(_Section):
     local: list[Domain] = Field(["example.test"], description="Domains we accept mail for")
-    downstream: Annotated[str, BeforeValidator(_downstream)] = "maildir:./var/mail"
-    outbound: Annotated[str, BeforeValidator(_outbound)] = "mx"
-    trusted_networks: list[Network] = ["127.0.0.1/32", "::1/128"]
-    verify_recipients: Literal["users", "downstream"] = "users"
+    downstream: Annotated[str, BeforeValidator(_downstream)] = Field(
+        "maildir:./var/mail",
+        description="Where accepted mail goes: maildir:DIR, smtp:// or lmtp://",
+    )
+    outbound: Annotated[str, BeforeValidator(_outbound)] = Field(
+        "mx", description="How outbound mail leaves: mx, or smtp://SMARTHOST:PORT"
+    )
+    trusted_networks: list[Network] = Field(
+        ["127.0.0.1/32", "::1/128"], description="Skip Recon and Reputation; may relay"
+    )
+    verify_recipients: Literal["users", "downstream"] = Field(
+        "users", description="Check recipients against local users, or by call-ahead"
+    )
     allow_open_relay: bool = Field(
         False, description="Must be true to trust a network wider than /8 (IPv4) or /32 (IPv6)"
     )
@@ -460,3 +469,75 @@ def load(path: str | Path | None = None) -> Settings:
     if "source" in data:
         raise ConfigError(f"{p}: unknown key `source`")
     return from_mapping(data, str(p))
+
+
+# ---------------------------------------------------------------- reference
+
+
+def _default_text(field: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if field.default_factory is not None:
+        value = field.default_factory()
+    elif field.default is PydanticUndefined:
+        return "(required)"
+    else:
+        value = field.default
+    if value is None:
+        return "(unset)"
+    if isinstance(value, BaseModel):
+        return "(table)"
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value).replace("'", '"')
+
+
+def reference() -> str:
+    """The config reference (docs/config.md), made from the models themselves."""
+    lines = [
+        "# kithmail.toml — every key",
+        "",
+        "Generated from `python/kithmail/config.py` (`kithmail.config.reference()`);",
+        "a test keeps the two equal. Every key is optional. Durations are written",
+        '`"250ms"`, `"60s"`, `"5m"`, `"24h"`, `"30d"`, `"1w"` or as seconds; sizes',
+        '`"25MiB"`, `"512KiB"`, `"10MB"` or as bytes. Actions are `accept`, `tag`,',
+        "`quarantine`, `defer`, `reject`. `kith check-config -c FILE` checks a file.",
+        "",
+    ]
+
+    def section(title: str, model: type[BaseModel]) -> None:
+        lines.extend([f"## [{title}]", "", "| key | default | meaning |", "|---|---|---|"])
+        nested: list[tuple[str, type[BaseModel]]] = []
+        for name, f in model.model_fields.items():
+            if name == "source":
+                continue
+            key = f.alias or name
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                nested.append((f"{title}.{key}", ann))
+                continue
+            desc = (f.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | `{_default_text(f)}` | {desc} |")
+        lines.append("")
+        for t, m in nested:
+            section(t, m)
+
+    for name, f in Settings.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            section(name, ann)
+    lines.extend(
+        [
+            "## [[reputation.local_lists]]",
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
+    )
+    for name, f in LocalList.model_fields.items():
+        lines.append(f"| `{name}` | `{_default_text(f)}` | {f.description or ''} |")
+    return "\n".join(lines) + "\n"
