@@ -545,7 +545,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs (root needed): {r.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {r.stderr.strip()}")
     try:
         yield d
     finally:
@@ -657,7 +657,7 @@ def test_out_of_inodes_is_a_full_spool(tmp_path: Path) -> None:
         check=False,
     )
     if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs (root needed): {r.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {r.stderr.strip()}")
     try:
         spool = Spool(d / "spool")
         accepted = []
