@@ -13,8 +13,10 @@ RUST_SRC    := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Ca
 STAMP       := $(VENV)/.built-debug
 # Debian packages the tests drive for real (installed by `make test` when missing).
 DEB_PACKAGES := dnsmasq
+# ... and those the benchmarks compare against (installed by `make bench`).
+BENCH_DEB_PACKAGES := postgrey
 
-.PHONY: all build test test-rust test-python lint fmt bench run clean sysdeps
+.PHONY: all build test test-rust test-python lint fmt bench run clean sysdeps bench-sysdeps install-debs
 
 all: build
 
@@ -32,7 +34,13 @@ $(STAMP): $(VENV)/bin/maturin $(RUST_SRC) pyproject.toml
 build: $(STAMP)
 
 sysdeps:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory install-debs PKGS="$(DEB_PACKAGES)"
+
+bench-sysdeps:
+	@$(MAKE) --no-print-directory install-debs PKGS="$(DEB_PACKAGES) $(BENCH_DEB_PACKAGES)"
+
+install-debs:
+	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
@@ -63,13 +71,16 @@ $(BENCH_VENV)/bin/maturin:
 	$(BPY) -m pip install --quiet --upgrade pip
 	$(BPY) -m pip install --quiet maturin==$(MATURIN_VER)
 
-bench: $(BENCH_VENV)/bin/maturin
+bench: $(BENCH_VENV)/bin/maturin bench-sysdeps
+	rm -f target/wheels-bench/kithmail-*.whl
 	$(BENCH_VENV)/bin/maturin build --release --quiet --out target/wheels-bench
 	$(BPY) -m pip install --quiet --force-reinstall --no-deps target/wheels-bench/kithmail-*.whl
+	$(BPY) -m pip install --quiet target/wheels-bench/kithmail-*.whl
 	$(BPY) -m pip install --quiet "lmdb==3.0.0"
 	cargo build --release -p kithmail-store --bin kithmail-floor --quiet
 	mkdir -p bench/results
 	$(BPY) bench/core.py --json bench/results/core.json --floor target/release/kithmail-floor
+	$(BPY) bench/policy.py --json bench/results/policy.json
 
 run: build
 	@echo "make run: the gateway (kith serve) arrives with the gateway issue;"

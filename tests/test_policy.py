@@ -265,3 +265,32 @@ def test_spf_where_configured(tmp_path: Path, dnsmasq: StartDnsmasq) -> None:
         core.close()
 
     asyncio.run(go())
+
+
+def test_a_slow_drip_does_not_push_the_request_deadline_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> float | None:
+        async with service(tmp_path, Clock(), Limits(request_timeout=0.5)) as (_, port, _core):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            closed_at = None
+            try:
+                for byte in request(**A)[:-2]:  # all but the final empty line: ~6 s
+                    w.write(bytes([byte]))
+                    await w.drain()
+                    await asyncio.sleep(0.05)
+                    if r.at_eof() or r.exception() is not None:
+                        closed_at = loop.time()
+                        break
+            except ConnectionError:
+                closed_at = loop.time()
+            w.close()
+            return None if closed_at is None else closed_at - t0
+
+    with caplog.at_level(logging.WARNING, "kithmail.policy"):
+        took = asyncio.run(go())
+    assert took is not None, "a drip of bytes kept the connection open"
+    assert took < 3, "closed near the request deadline, not when the drip ended"
+    assert "request not finished in time" in caplog.text

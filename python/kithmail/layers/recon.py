@@ -22,6 +22,7 @@ Standards: RFC 5321 §4.2.5 and §4.5.4.1 (4xx and retry), RFC 6647
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -51,15 +52,19 @@ class SpfAnswer:
 SpfCheck = Callable[[str, str], Awaitable[SpfAnswer]]
 
 
-def _networks(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(c) for c in cidrs]
+@functools.lru_cache(maxsize=256)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    # Settings are immutable, so their network lists are parsed once, not per RCPT.
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
 
 
 def _in(ip: str, nets: Sequence[str]) -> bool:
+    if not nets:
+        return False
     addr = ipaddress.ip_address(ip)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return any(addr in n for n in _networks(nets) if n.version == addr.version)
+    return any(addr in n for n in _networks(tuple(nets)) if n.version == addr.version)
 
 
 def _matches(address: str, patterns: Sequence[str]) -> bool:
