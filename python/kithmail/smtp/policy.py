@@ -82,7 +82,6 @@ class PolicyService:
         self.metrics = metrics
         self._clients = [ipaddress.ip_network(n) for n in settings.policy.policy_clients]
         self._trusted = [ipaddress.ip_network(n) for n in settings.domains.trusted_networks]
-        self._local = {d.lower() for d in settings.domains.local}
         # Headers already prepended per Postfix `instance` (one per message):
         # Postfix asks once per recipient, a header belongs once per message.
         self._prepended: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
@@ -113,8 +112,9 @@ class PolicyService:
         now = int(self.clock())
 
         # A local allow-list match ends the question, Recon included.
+        # (In shadow mode the match is recorded but does not skip Recon.)
         allow = self.reputation.allowlisted(ip)
-        if allow is not None and self.reputation.skips_recon(ip):
+        if allow is not None and not allow.shadow:
             return self._log(attrs, allow, DUNNO)
 
         try:
