@@ -117,7 +117,7 @@ class Reputation:
     def shadow(self) -> bool:
         return self._policy.mode == "shadow"
 
-    def allowlisted(self, ip: str) -> Verdict | None:
+    def allowlisted(self, ip: str | Address) -> Verdict | None:
         """The accept verdict when a local allow list holds `ip`, else None.
 
         Local and fast (one table lookup, no DNS): the caller asks it before
@@ -129,12 +129,12 @@ class Reputation:
             return None
         return self._mark(self._local(a, m))
 
-    def skips_recon(self, ip: str) -> bool:
+    def skips_recon(self, ip: str | Address) -> bool:
         """True when Recon must not defer `ip`: allow-listed, and not in shadow mode."""
         v = self.allowlisted(ip)
         return v is not None and not v.shadow
 
-    async def check(self, ip: str) -> Verdict:
+    async def check(self, ip: str | Address) -> Verdict:
         """Layer 2's verdict for the client address `ip` (text, IPv4 or IPv6)."""
         # Only the parsed address reaches a reply or a log line, never the
         # caller's text (which came from a client, perhaps via XCLIENT).

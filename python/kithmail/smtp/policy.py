@@ -113,7 +113,7 @@ class PolicyService:
 
         # A local allow-list match ends the question, Recon included.
         # (In shadow mode the match is recorded but does not skip Recon.)
-        allow = self.reputation.allowlisted(ip)
+        allow = self.reputation.allowlisted(addr)
         if allow is not None and not allow.shadow:
             return self._log(attrs, allow, DUNNO)
 
@@ -137,7 +137,7 @@ class PolicyService:
             return self._log(attrs, rv, _action(rv))
 
         t0 = time.perf_counter()
-        rep = await self.reputation.check(ip)
+        rep = await self.reputation.check(addr)
         self._timed("reputation", t0)
         if rep.acts:
             return self._log(attrs, rep, _action(rep))
