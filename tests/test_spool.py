@@ -12,6 +12,7 @@ recovery), not the fsyncs themselves against power loss.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -533,13 +534,12 @@ def test_torn_state_line_is_ignored_never_misread(spool: Spool, root: Path) -> N
 # ---------------------------------------------------------------- a real full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs of our own: ENOSPC for real, unmounted afterwards."""
-    d = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(d: Path, options: str) -> Iterator[Path]:
+    """A tmpfs of our own at `d` (the tests run as root), unmounted afterwards."""
     d.mkdir()
     r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)],
         capture_output=True,
         text=True,
         check=False,
@@ -550,6 +550,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield d
     finally:
         subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: ENOSPC for real."""
+    with tmpfs(tmp_path / "disk", "size=1m,mode=0700") as d:
+        yield d
 
 
 def free(path: Path) -> int:
@@ -648,17 +655,7 @@ def test_reserve_refuses_before_the_disk_is_full(small_disk: Path) -> None:
 
 
 def test_out_of_inodes_is_a_full_spool(tmp_path: Path) -> None:
-    d = tmp_path / "inodes"
-    d.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(d)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode:
-        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "inodes", "size=1m,nr_inodes=8") as d:
         spool = Spool(d / "spool")
         accepted = []
         with pytest.raises(SpoolFullError):
@@ -667,5 +664,3 @@ def test_out_of_inodes_is_a_full_spool(tmp_path: Path) -> None:
         assert accepted
         assert files(d / "spool" / "tmp") == []
         assert spool.recover_sync().pending == tuple(accepted)
-    finally:
-        subprocess.run(["umount", str(d)], check=True)

@@ -467,25 +467,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler, parser=p, check=None)
         return p
 
-    # check-config
-    cc = commands.add_parser(
-        "check-config",
-        help="validate a config file",
-        description="Validate a config file (-c FILE; without one, the embedded default) "
-        "and print every mistake, naming its key; exit 1 when there is one.",
-        parents=[common],
-    )
-    cc.set_defaults(handler=None, parser=cc, check=None)
-
-    # policy
-    pol = commands.add_parser(
-        "policy",
-        help="run the Postfix policy service",
-        description="Serve Recon and Reputation to Postfix over its policy-delegation "
-        "protocol on [server] listeners.policy until SIGTERM or SIGINT.",
-        parents=[common],
-    )
-    pol.set_defaults(handler=None, parser=pol, check=None)
+    # Commands that run without opening the core (main() dispatches them).
+    for name, help, description in (
+        (
+            "check-config",
+            "validate a config file",
+            "Validate a config file (-c FILE; without one, the embedded default) "
+            "and print every mistake, naming its key; exit 1 when there is one.",
+        ),
+        (
+            "policy",
+            "run the Postfix policy service",
+            "Serve Recon and Reputation to Postfix over its policy-delegation "
+            "protocol on [server] listeners.policy until SIGTERM or SIGINT.",
+        ),
+    ):
+        sub = commands.add_parser(name, help=help, description=description, parents=[common])
+        sub.set_defaults(handler=None, parser=sub, check=None)
 
     # recon
     recon = group("recon", "the Recon table (greylisting by source)")
