@@ -563,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", metavar="USER")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--block", action="store_true", help="import to the block list, not allow")
+
+    # Command groups that live in their own modules: each adds its parsers
+    # with `standalone` set to a function (args, settings) -> exit status,
+    # run by main() without opening the core.
+    from kithmail import cli_gateway
+
+    cli_gateway.add_commands(commands, common)
     return parser
 
 
@@ -617,6 +624,42 @@ def run_policy(path: str | None, data_dir: str | None) -> int:
         return 1
 
 
+def load_settings(args: argparse.Namespace) -> config.Settings:
+    """The server's settings as `-c FILE` and `--data-dir` give them."""
+    settings = config.load(getattr(args, "config", None))
+    if data_dir := getattr(args, "data_dir", None):
+        server = settings.server.model_copy(update={"data_dir": Path(data_dir)})
+        settings = settings.model_copy(update={"server": server})
+    return settings
+
+
+def run_standalone(
+    handler: Callable[[argparse.Namespace, config.Settings], int], args: argparse.Namespace
+) -> int:
+    """A command of a module of its own: load the settings, run it, one-line errors."""
+    try:
+        settings = load_settings(args)
+    except config.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    try:
+        return handler(args, settings)
+    except CommandError as e:
+        message = str(e)
+    except CoreError as e:
+        message = str(e) or type(e).__name__
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    except KeyboardInterrupt:
+        return 130
+    print(f"kith: error: {message}", file=sys.stderr)
+    return 1
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The parsed command line; a usage error exits with status 2."""
     args = build_parser().parse_args(argv)
@@ -634,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(getattr(args, "config", None))
     if args.command == "policy":
         return run_policy(getattr(args, "config", None), getattr(args, "data_dir", None))
+    if (standalone := getattr(args, "standalone", None)) is not None:
+        return run_standalone(standalone, args)
     try:
         settings = settings_from(args, os.environ)
     except config.ConfigError as e:
