@@ -220,6 +220,12 @@ class Server(_Section):
     )
     core_map_size: Size = Field(64 << 30, description="LMDB map size (sparse)")
     workers: int = Field(1, ge=1, le=64, description="Worker processes sharing each port")
+    proxy_protocol: bool = Field(
+        False, description="Trusted upstreams open each connection with a PROXY header (v1 or v2)"
+    )
+    spool_reserve: Size = Field(
+        64 * 1024**2, description="Free space the spool keeps; below it, 452 4.3.1"
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Server:
@@ -243,6 +249,11 @@ class Domains(_Section):
     verify_recipients: Literal["users", "downstream"] = Field(
         "users", description="Check recipients against local users, or by call-ahead"
     )
+    callahead_ttl: Duration = Field(3600.0, description="How long a call-ahead 'exists' is kept")
+    callahead_negative_ttl: Duration = Field(
+        600.0, description="How long a call-ahead 'no such user' is kept"
+    )
+    callahead_timeout: Duration = Field(30.0, description="Deadline of one call-ahead")
     allow_open_relay: bool = Field(
         False, description="Must be true to trust a network wider than /8 (IPv4) or /32 (IPv6)"
     )
@@ -271,6 +282,18 @@ class Limits(_Section):
     messages_per_ip_per_minute: int = Field(120, ge=1)
     connections_per_ip_per_minute: int = Field(60, ge=1)
     messages_per_sender_per_minute: int = Field(120, ge=1)
+    pregreet_wait: Duration = Field(
+        1.0,
+        description="Sources Recon has not passed wait this long for the greeting; "
+        "talking first is refused (0 turns it off)",
+    )
+    bare_newlines: Literal["reject", "normalize"] = Field(
+        "reject", description="A bare CR or LF in DATA: refuse the message, or make it CRLF"
+    )
+    data_memory: Size = Field(
+        512 * 1024**2, description="Message data held in memory at once, all sessions together"
+    )
+    max_bad_commands: int = Field(20, ge=1, description="Bad commands before 421 and hang-up")
 
 
 class Queue(_Section):
@@ -278,6 +301,8 @@ class Queue(_Section):
     backoff: list[Duration] = Field(
         [60.0, 300.0, 900.0, 1800.0, 3600.0], description="Retry delays, the last repeats"
     )
+    concurrency: int = Field(20, ge=1, le=1000, description="Deliveries in flight at once")
+    timeout: Duration = Field(300.0, description="Deadline of one delivery attempt")
 
 
 class Dns(_Section):
