@@ -20,13 +20,14 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     start_http_server,
     values,
 )
 from prometheus_client import multiprocess as prom_mp
 
-__all__ = ["Metrics", "multiprocess_dir", "serve_metrics"]
+__all__ = ["Metrics", "SmtpMetrics", "multiprocess_dir", "serve_metrics"]
 
 _LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -58,6 +59,88 @@ class Metrics:
 
     def verdict(self, layer: str, action: str, shadow: bool) -> None:
         self.verdicts.labels(self.frontend, layer, action, "yes" if shadow else "no").inc()
+
+
+# Recon imposes minutes to hours; the buckets span min_delay to retry_window.
+_RECON_DELAY = (60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 86400)
+_SESSION = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600)
+_SIZE = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+# Commands outside this set are counted as "other": the label set stays closed.
+SMTP_COMMANDS = frozenset(
+    {
+        "CONNECT",
+        "EHLO",
+        "HELO",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "RSET",
+        "NOOP",
+        "QUIT",
+        "STARTTLS",
+        "VRFY",
+        "EXPN",
+        "HELP",
+        "AUTH",
+        "XCLIENT",
+        "PROXY",
+        "TIMEOUT",
+    }
+)
+
+
+class SmtpMetrics:
+    """What the inbound SMTP listener records, beside the layers' `Metrics`."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.connections = Counter(
+            "kithmail_smtp_connections",
+            "Connections by result: served, or refused before the greeting "
+            "(limit, rate, pregreet, proxy).",
+            ["result"],
+            registry=registry,
+        )
+        self.sessions = Gauge(
+            "kithmail_smtp_sessions",
+            "SMTP sessions open now.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.session_seconds = Histogram(
+            "kithmail_smtp_session_seconds",
+            "How long SMTP sessions lasted.",
+            buckets=_SESSION,
+            registry=registry,
+        )
+        self.replies = Counter(
+            "kithmail_smtp_replies",
+            "SMTP replies sent, by command and reply code.",
+            ["command", "code"],
+            registry=registry,
+        )
+        self.messages = Counter(
+            "kithmail_smtp_messages",
+            "Messages at end of DATA by result: accepted (250), rejected (5xx), deferred (4xx).",
+            ["result"],
+            registry=registry,
+        )
+        self.message_bytes = Histogram(
+            "kithmail_smtp_message_bytes",
+            "Size of accepted messages.",
+            buckets=_SIZE,
+            registry=registry,
+        )
+        self.recon_delay = Histogram(
+            "kithmail_recon_delay_seconds",
+            "Delay Recon imposed on mail that got through: first deferral to acceptance.",
+            buckets=_RECON_DELAY,
+            registry=registry,
+        )
+
+    def reply(self, command: str, code: int) -> None:
+        if command not in SMTP_COMMANDS:
+            command = "other"
+        self.replies.labels(command, str(code)).inc()
 
 
 def multiprocess_dir(data_dir: Path) -> Path:
