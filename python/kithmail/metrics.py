@@ -32,11 +32,10 @@ __all__ = ["Metrics", "SmtpMetrics", "multiprocess_dir", "serve_metrics"]
 _LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
-class Metrics:
-    """The metrics one front end records (`frontend` is "smtp" or "policy")."""
+class _LayerCollectors:
+    """The collectors every front end shares, made once per registry."""
 
-    def __init__(self, frontend: str, registry: CollectorRegistry = REGISTRY) -> None:
-        self.frontend = frontend
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.verdicts = Counter(
             "kithmail_verdicts",
             "Layer decisions, by front end, layer and action (shadow: recorded, not enforced).",
@@ -56,6 +55,26 @@ class Metrics:
             buckets=_LATENCY,
             registry=registry,
         )
+
+
+_SHARED: dict[int, _LayerCollectors] = {}
+
+
+class Metrics:
+    """The metrics one front end records (`frontend` is "smtp" or "policy").
+
+    Several front ends in one process (`kith serve` runs the SMTP listener
+    and the policy service) share the collectors, told apart by label.
+    """
+
+    def __init__(self, frontend: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self.frontend = frontend
+        shared = _SHARED.get(id(registry))
+        if shared is None:
+            shared = _SHARED[id(registry)] = _LayerCollectors(registry)
+        self.verdicts = shared.verdicts
+        self.requests = shared.requests
+        self.layer_seconds = shared.layer_seconds
 
     def verdict(self, layer: str, action: str, shadow: bool) -> None:
         self.verdicts.labels(self.frontend, layer, action, "yes" if shadow else "no").inc()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+from typing import Any
 
 from kithmail import config
 from kithmail.dns import Resolver
@@ -101,3 +102,181 @@ async def _run(service: PolicyService, listeners: list[str], reuse_port: bool) -
         s.close()
     for s in servers:
         await s.wait_closed()
+
+
+# ---------------------------------------------------------------- kith serve
+
+
+def serve_gateway(settings: config.Settings) -> int:
+    """`kith serve`: the inbound SMTP listener, the queue, the policy service, /metrics.
+
+    Before any worker exists the parent prepares what must happen once:
+    the database (migrated; the first admin account, whose password is
+    printed once), the spool's recovery after a crash, and the TLS
+    certificate. Each worker then opens the core after the fork. With
+    `[server] workers` > 1 every worker binds each listener with
+    SO_REUSEPORT and worker 0 also runs the delivery queue.
+    """
+    from kithmail import db as dbmod
+    from kithmail import tls
+    from kithmail.spool import Spool
+
+    setup_logging()
+    data_dir = settings.server.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database = dbmod.Database.open(data_dir / "kithmail.db")
+    try:
+        database.sync_domains(settings.domains.local)
+        password = database.ensure_admin(settings.domains.local[0])
+    finally:
+        database.close()
+    if password is not None:
+        print(
+            f"kithmail: created the admin account admin@{settings.domains.local[0]} "
+            f"with password {password} (shown once; change it with kith user passwd)",
+            flush=True,
+        )
+    spool = Spool(data_dir / "spool", reserve_bytes=settings.server.spool_reserve)
+    rec = spool.recover_sync()
+    log.info(
+        "spool recovered: pending=%d finished=%d corrupt=%d unacknowledged=%d",
+        len(rec.pending),
+        len(rec.finished),
+        len(rec.corrupt),
+        len(rec.unacknowledged),
+    )
+    for name, why in rec.corrupt:
+        log.error("spool: %s moved to corrupt/: %s", name, why)
+    context = tls.server_context(settings)
+
+    n = settings.server.workers
+    web = settings.server.listeners.web[0] if settings.server.listeners.web else None
+    if n <= 1:
+        if web:
+            serve_metrics(web, multiprocess=False)
+            log.info("metrics on http://%s/metrics", web)
+        return _gateway_worker(settings, context, index=0, reuse_port=False)
+    multiprocess_dir(data_dir)
+    if web:
+        serve_metrics(web, multiprocess=True)
+        log.info("metrics on http://%s/metrics (merged from %d workers)", web, n)
+    children: list[int] = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _gateway_worker(settings, context, index=i, reuse_port=True)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(sig: int, _frame: object) -> None:
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for c in children:
+        _, status = os.waitpid(c, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
+    return worst
+
+
+def _gateway_worker(
+    settings: config.Settings, context: Any, *, index: int, reuse_port: bool
+) -> int:
+    core = open_core(settings)
+    try:
+        asyncio.run(_run_gateway(settings, core, context, index=index, reuse_port=reuse_port))
+    finally:
+        core.flush()
+        core.close()
+    return 0
+
+
+async def _run_gateway(
+    settings: config.Settings, core: Any, context: Any, *, index: int, reuse_port: bool
+) -> None:
+    from kithmail import db as dbmod
+    from kithmail.metrics import SmtpMetrics
+    from kithmail.pipeline import Pipeline
+    from kithmail.queue import Queue
+    from kithmail.smtp.inbound import Gateway
+    from kithmail.spool import Spool
+    from kithmail.tenants import Policies
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    data_dir = settings.server.data_dir
+    database = dbmod.Database.open(data_dir / "kithmail.db")
+    resolver = Resolver.from_settings(settings.dns)
+    spf = SpfChecker(settings.dns.nameservers, settings.dns.timeout)
+    metrics = Metrics("smtp")
+    pipeline = Pipeline(settings, core, resolver, spf, metrics=metrics)
+    spool = Spool(data_dir / "spool", reserve_bytes=settings.server.spool_reserve)
+    queue = Queue(spool, settings, resolver=resolver) if index == 0 else None
+    callahead = None
+    if settings.domains.verify_recipients == "downstream":
+        from kithmail.queue.callahead import CallAhead
+
+        callahead = CallAhead(
+            settings.domains.downstream,
+            hostname=settings.server.hostname,
+            ttl=settings.domains.callahead_ttl,
+            negative_ttl=settings.domains.callahead_negative_ttl,
+            timeout=settings.domains.callahead_timeout,
+        ).check
+    gw = Gateway(
+        settings=settings,
+        pipeline=pipeline,
+        policies=Policies(settings, database.tenant_of),
+        spool=spool,
+        find_user=database.find_user,
+        metrics=SmtpMetrics(),
+        tls_context=context,
+        callahead=callahead,
+        on_accepted=queue.notify if queue is not None else None,
+    )
+    servers: list[asyncio.Server] = []
+    for spec in settings.server.listeners.inbound:
+        host, _, port = spec.rpartition(":")
+        servers.append(
+            await loop.create_server(
+                gw.factory,
+                host.strip("[]"),
+                int(port),
+                reuse_address=True,
+                reuse_port=reuse_port,
+            )
+        )
+        log.info("inbound SMTP on %s (pid %d)", spec, os.getpid())
+    if settings.server.listeners.policy:
+        policy = PolicyService(
+            settings,
+            core,
+            Reputation.from_settings(core, settings, resolver),
+            spf,
+            metrics=Metrics("policy"),
+        )
+        servers += await policy.start(settings.server.listeners.policy, reuse_port=reuse_port)
+        for spec in settings.server.listeners.policy:
+            log.info("policy service on %s (pid %d)", spec, os.getpid())
+    if queue is not None:
+        await queue.start()
+    log.info("kithmail ready (pid %d)", os.getpid())
+    await stop.wait()
+    log.info("kithmail stopping (pid %d): no new connections, finishing sessions", os.getpid())
+    gw.closing = True
+    for s in servers:
+        s.close()
+    deadline = loop.time() + 30
+    while gw.sessions > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if queue is not None:
+        await queue.stop(10)
+    database.close()
