@@ -40,3 +40,6 @@ def setup_logging() -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
     )
+    # aiosmtpd logs every peer and command at INFO under "mail.log"; the
+    # listener writes its own line per transaction instead.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
