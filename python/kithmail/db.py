@@ -18,8 +18,8 @@ one behind a lock: with a shared connection, a write waiting out
 ``busy_timeout`` for another process's write lock would hold the lock and
 stall every RCPT on the event loop; with one per thread, WAL lets the
 loop's reads go on. Measured on this machine, `find_user`'s query costs the
-same either way (~5 µs of its ~13), so nothing is given up for it. Open the database
-after any fork: a connection must not cross one.
+same either way (~5 µs of its ~13), so nothing is given up for it. Open
+the database after any fork: a connection must not cross one.
 
 Trusts nothing it is given: every address is checked to be a plain
 ``local@domain`` and folded exactly as the core folds it
@@ -414,7 +414,7 @@ class Database:
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
+        if conn is not None and not self._closed:
             return conn
         with self._lock:
             if self._closed:
@@ -452,6 +452,10 @@ class Database:
                     f"{self.path}: still locked by another process after "
                     f"{BUSY_TIMEOUT_S:g} s; try again"
                 ) from None
+            raise DatabaseError(f"{self.path}: {e}") from None
+        except sqlite3.ProgrammingError as e:
+            if self._closed:
+                raise DatabaseError(f"{self.path}: the database is closed") from None
             raise DatabaseError(f"{self.path}: {e}") from None
         except sqlite3.DatabaseError as e:
             raise DatabaseError(f"{self.path}: not a usable kithmail database ({e})") from None
@@ -793,7 +797,8 @@ class Database:
         password (one argon2 verification each), so the answer's timing
         tells nothing. A hash made with other argon2 parameters than this
         database's is replaced on success. The exact address logs in, never
-        a ``+tag`` form of it.
+        a ``+tag`` form of it. Argon2 takes about 0.1 s of CPU: call this
+        from a thread (``asyncio.to_thread``), never on the event loop.
         """
         try:
             folded = fold_address(address)
