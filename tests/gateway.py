@@ -83,6 +83,8 @@ class Gateway:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    test_hooks: bool = True
+    offset: float = 0.0
 
     @property
     def data_dir(self) -> Path:
@@ -122,7 +124,8 @@ class Gateway:
         self.starts += 1
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [str(KITH), "serve", "-c", str(self.config)],
+            [str(KITH), "serve", "-c", str(self.config)]
+            + (["--test-hooks"] if self.test_hooks else []),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -154,6 +157,14 @@ class Gateway:
             except OSError as e:
                 last = str(e)
         raise RuntimeError(f"kith serve did not start ({last or 'timed out'}):\n{_tail(self.log)}")
+
+    def advance(self, seconds: float) -> None:
+        """Move the server's clock (`kith serve --test-hooks`) forward."""
+        self.offset += seconds
+        tmp = self.data_dir / "test-clock.tmp"
+        tmp.write_text(str(self.offset))
+        tmp.replace(self.data_dir / "test-clock")
+        time.sleep(0.05)  # the server re-reads the file every 20 ms
 
     def stop(self) -> int | None:
         """SIGTERM and wait; the exit status."""

@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from kithmail.smtp.serve import serve_gateway
 
     try:
-        return serve_gateway(settings)
+        return serve_gateway(settings, test_hooks=args.test_hooks)
     except CoreError as e:
         raise CommandError(str(e)) from e
     except OSError as e:
@@ -33,5 +33,10 @@ def add_commands(
         help=help,
         description=help[0].upper() + help[1:] + ", until SIGTERM or SIGINT.",
         parents=[common],
+    )
+    p.add_argument(
+        "--test-hooks",
+        action="store_true",
+        help="for tests only: a clock the tests move through DATA_DIR/test-clock",
     )
     p.set_defaults(standalone=_serve, handler=None, parser=p, check=None)

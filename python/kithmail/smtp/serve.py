@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kithmail import config
@@ -107,7 +111,31 @@ async def _run(service: PolicyService, listeners: list[str], reuse_port: bool) -
 # ---------------------------------------------------------------- kith serve
 
 
-def serve_gateway(settings: config.Settings) -> int:
+class TestClock:
+    """The movable clock of `kith serve --test-hooks` (DESIGN.md: test hooks).
+
+    The time is the wall clock plus the seconds in `<data_dir>/test-clock`
+    (a number; a missing file is 0), read at most every 20 ms, so a test
+    moves the server's time by writing the file. Never used without the flag.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0.0
+        self._read = 0.0
+
+    def __call__(self) -> float:
+        now = time.time()
+        if now - self._read > 0.02:
+            self._read = now
+            try:
+                self._offset = float(self.path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                self._offset = 0.0
+        return now + self._offset
+
+
+def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int:
     """`kith serve`: the inbound SMTP listener, the queue, the policy service, /metrics.
 
     Before any worker exists the parent prepares what must happen once:
@@ -116,6 +144,9 @@ def serve_gateway(settings: config.Settings) -> int:
     certificate. Each worker then opens the core after the fork. With
     `[server] workers` > 1 every worker binds each listener with
     SO_REUSEPORT and worker 0 also runs the delivery queue.
+
+    `test_hooks` (`kith serve --test-hooks`, for tests only) makes the
+    server's clock movable through `<data_dir>/test-clock` (`TestClock`).
     """
     from kithmail import db as dbmod
     from kithmail import tls
@@ -148,6 +179,11 @@ def serve_gateway(settings: config.Settings) -> int:
     for name, why in rec.corrupt:
         log.error("spool: %s moved to corrupt/: %s", name, why)
     context = tls.server_context(settings)
+    load_local_lists(settings)
+    clock: Callable[[], float] = time.time
+    if test_hooks:
+        clock = TestClock(data_dir / "test-clock")
+        log.warning("test hooks on: the clock follows %s", data_dir / "test-clock")
 
     n = settings.server.workers
     web = settings.server.listeners.web[0] if settings.server.listeners.web else None
@@ -155,7 +191,7 @@ def serve_gateway(settings: config.Settings) -> int:
         if web:
             serve_metrics(web, multiprocess=False)
             log.info("metrics on http://%s/metrics", web)
-        return _gateway_worker(settings, context, index=0, reuse_port=False)
+        return _gateway_worker(settings, context, clock, index=0, reuse_port=False)
     multiprocess_dir(data_dir)
     if web:
         serve_metrics(web, multiprocess=True)
@@ -166,7 +202,7 @@ def serve_gateway(settings: config.Settings) -> int:
         if pid == 0:
             code = 1
             try:
-                code = _gateway_worker(settings, context, index=i, reuse_port=True)
+                code = _gateway_worker(settings, context, clock, index=i, reuse_port=True)
             finally:
                 os._exit(code)
         children.append(pid)
@@ -185,12 +221,44 @@ def serve_gateway(settings: config.Settings) -> int:
     return worst
 
 
+def load_local_lists(settings: config.Settings) -> None:
+    """Load `[reputation] local_lists` into the core, each replacing its list at once.
+
+    Runs in the parent before any worker forks, with the core opened and
+    closed again here (LMDB must not cross a fork). A list that cannot be
+    read or parsed stops the start with a message naming the file and line.
+    """
+    lists = settings.reputation.local_lists
+    if not lists:
+        return
+    core = open_core(settings)
+    try:
+        now = int(time.time())
+        for ll in lists:
+            n = core.reputation.load_file(
+                ll.name, ll.kind, str(ll.path), action=ll.action, score=ll.score, now=now
+            )
+            log.info("reputation list %s loaded from %s: %d prefixes", ll.name, ll.path, n)
+        core.flush()
+    finally:
+        core.close()
+        del core
+        gc.collect()  # every reference gone before the fork
+
+
 def _gateway_worker(
-    settings: config.Settings, context: Any, *, index: int, reuse_port: bool
+    settings: config.Settings,
+    context: Any,
+    clock: Callable[[], float],
+    *,
+    index: int,
+    reuse_port: bool,
 ) -> int:
     core = open_core(settings)
     try:
-        asyncio.run(_run_gateway(settings, core, context, index=index, reuse_port=reuse_port))
+        asyncio.run(
+            _run_gateway(settings, core, context, clock, index=index, reuse_port=reuse_port)
+        )
     finally:
         core.flush()
         core.close()
@@ -198,7 +266,13 @@ def _gateway_worker(
 
 
 async def _run_gateway(
-    settings: config.Settings, core: Any, context: Any, *, index: int, reuse_port: bool
+    settings: config.Settings,
+    core: Any,
+    context: Any,
+    clock: Callable[[], float],
+    *,
+    index: int,
+    reuse_port: bool,
 ) -> None:
     from kithmail import db as dbmod
     from kithmail.metrics import SmtpMetrics
@@ -219,7 +293,7 @@ async def _run_gateway(
     metrics = Metrics("smtp")
     pipeline = Pipeline(settings, core, resolver, spf, metrics=metrics)
     spool = Spool(data_dir / "spool", reserve_bytes=settings.server.spool_reserve)
-    queue = Queue(spool, settings, resolver=resolver) if index == 0 else None
+    queue = Queue(spool, settings, resolver=resolver, clock=clock) if index == 0 else None
     callahead = None
     if settings.domains.verify_recipients == "downstream":
         from kithmail.queue.callahead import CallAhead
@@ -241,6 +315,7 @@ async def _run_gateway(
         tls_context=context,
         callahead=callahead,
         on_accepted=queue.notify if queue is not None else None,
+        clock=clock,
     )
     servers: list[asyncio.Server] = []
     for spec in settings.server.listeners.inbound:
@@ -261,6 +336,7 @@ async def _run_gateway(
             core,
             Reputation.from_settings(core, settings, resolver),
             spf,
+            clock=clock,
             metrics=Metrics("policy"),
         )
         servers += await policy.start(settings.server.listeners.policy, reuse_port=reuse_port)
