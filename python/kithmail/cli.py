@@ -627,7 +627,7 @@ def run_policy(path: str | None, data_dir: str | None) -> int:
 def load_settings(args: argparse.Namespace) -> config.Settings:
     """The server's settings as `-c FILE` and `--data-dir` give them."""
     settings = config.load(getattr(args, "config", None))
-    if data_dir := getattr(args, "data_dir", None):
+    if data_dir := getattr(args, "data_dir", None) or os.environ.get(DATA_DIR_ENV):
         server = settings.server.model_copy(update={"data_dir": Path(data_dir)})
         settings = settings.model_copy(update={"server": server})
     return settings

@@ -288,6 +288,7 @@ async def _run_gateway(
         loop.add_signal_handler(sig, stop.set)
     data_dir = settings.server.data_dir
     database = dbmod.Database.open(data_dir / "kithmail.db")
+    database.sync_domains(settings.domains.local)
     resolver = Resolver.from_settings(settings.dns)
     spf = SpfChecker(settings.dns.nameservers, settings.dns.timeout)
     metrics = Metrics("smtp")
