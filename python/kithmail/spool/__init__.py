@@ -85,6 +85,8 @@ QueueId = NewType("QueueId", str)
 
 Chunk = bytes | bytearray | memoryview
 Data = Chunk | Iterable[Chunk] | AsyncIterable[Chunk]
+# Or a function of the queue id giving the data (it may name its own id).
+DataFor = Callable[[str], Data]
 
 MAGIC = b"KITHMAIL-SPOOL "
 VERSION = 1
@@ -784,7 +786,7 @@ class Spool:
     # ------------------------------------------------------------ accept
 
     async def accept(
-        self, envelope: Envelope, data: Data, *, reserve_bytes: int | None = None
+        self, envelope: Envelope, data: Data | DataFor, *, reserve_bytes: int | None = None
     ) -> QueueId:
         """Write one message durably and return its queue id; only then say 250.
 
@@ -796,6 +798,8 @@ class Spool:
         queue_id = self._new_id()
         w = self._writer(queue_id, envelope, reserve_bytes)
         done = False
+        if callable(data):  # the data names its queue id (a Received header)
+            data = data(queue_id)
         try:
             if isinstance(data, AsyncIterable):
                 await asyncio.to_thread(w.open, 0)
@@ -825,7 +829,7 @@ class Spool:
     def accept_sync(
         self,
         envelope: Envelope,
-        data: Chunk | Iterable[Chunk],
+        data: Chunk | Iterable[Chunk] | Callable[[str], Chunk | Iterable[Chunk]],
         *,
         reserve_bytes: int | None = None,
     ) -> QueueId:
@@ -833,6 +837,8 @@ class Spool:
         queue_id = self._new_id()
         w = self._writer(queue_id, envelope, reserve_bytes)
         done = False
+        if callable(data):
+            data = data(queue_id)
         try:
             _fill(w, data)
             w.finish()
@@ -948,6 +954,9 @@ class Spool:
             except OSError as e:
                 log.warning("%s: state file left behind: %s", qid, e.strerror)
             _fsync_dir(self.root / "active")
+            # An admin hold dies with its message (a new id is never reused).
+            with suppress(FileNotFoundError):
+                (self.root / "hold" / qid).unlink()
 
     async def queue_ids(self) -> list[QueueId]:
         return await asyncio.to_thread(self.queue_ids_sync)
@@ -958,6 +967,85 @@ class Spool:
         return sorted(
             QueueId(n[:-4]) for n in names if n.endswith(".msg") and _QUEUE_ID.fullmatch(n[:-4])
         )
+
+    # ------------------------------------------------------------ admin hold, flush requests
+    #
+    # Both are plain files, so `kith queue` in another process reaches the
+    # running queue through the spool alone: ``hold/<queue id>`` (empty,
+    # durable) stops delivery attempts of that message until it is gone;
+    # ``flush/<queue id or "all">.<random>`` asks the queue to attempt now,
+    # and the queue removes it when it has seen it (not synced: a request
+    # lost in a crash only means the next attempt comes on schedule).
+
+    def hold_sync(self, queue_id: str) -> None:
+        """Put a message on admin hold: the queue does not attempt it."""
+        qid = _check_id(queue_id)
+        if not self._msg(qid).exists():
+            raise MessageNotFoundError(f"{qid}: not in the spool")
+        d = self.root / "hold"
+        with _os_errors("creating", d):
+            d.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(d / qid, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        _fsync_dir(d)
+        if not self._msg(qid).exists():  # removed meanwhile: leave no orphan
+            with suppress(FileNotFoundError):
+                (d / qid).unlink()
+            raise MessageNotFoundError(f"{qid}: not in the spool")
+
+    def release_sync(self, queue_id: str) -> bool:
+        """End an admin hold; False if the message was not held."""
+        qid = _check_id(queue_id)
+        try:
+            (self.root / "hold" / qid).unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise SpoolError(f"releasing {qid}: {e.strerror}") from e
+        _fsync_dir(self.root / "hold")
+        return True
+
+    def held_sync(self) -> frozenset[QueueId]:
+        """The queue ids on admin hold (one listdir of a small directory)."""
+        try:
+            names = os.listdir(self.root / "hold")
+        except FileNotFoundError:
+            return frozenset()
+        return frozenset(QueueId(n) for n in names if _QUEUE_ID.fullmatch(n))
+
+    def is_held(self, queue_id: str) -> bool:
+        return (self.root / "hold" / _check_id(queue_id)).exists()
+
+    def request_flush_sync(self, queue_id: str | None = None) -> None:
+        """Ask the running queue to attempt one message (or all) now."""
+        name = "all" if queue_id is None else _check_id(queue_id)
+        d = self.root / "flush"
+        with _os_errors("creating", d):
+            d.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(
+                d / f"{name}.{secrets.token_hex(6)}",
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o600,
+            )
+            os.close(fd)
+
+    def take_flush_requests_sync(self) -> list[QueueId | None]:
+        """The flush requests made so far (None: all), each removed once taken."""
+        d = self.root / "flush"
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        taken: list[QueueId | None] = []
+        for n in sorted(names):
+            stem = n.partition(".")[0]
+            with suppress(FileNotFoundError):
+                (d / n).unlink()
+                if stem == "all":
+                    taken.append(None)
+                elif _QUEUE_ID.fullmatch(stem):
+                    taken.append(QueueId(stem))
+        return taken
 
     # ------------------------------------------------------------ recover
 
