@@ -8,10 +8,13 @@ passes at once; the transaction is logged in one line.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
+import urllib.request
 from pathlib import Path
 
-from gateway import Gateway, message, run, running_gateway, send
+from gateway import Gateway, Reply, message, run, running_gateway, send
 
 
 def test_new_source_is_deferred_then_its_retry_is_delivered(tmp_path: Path) -> None:
@@ -46,3 +49,39 @@ def test_new_source_is_deferred_then_its_retry_is_delivered(tmp_path: Path) -> N
 
 def _gw_started(gw: Gateway) -> None:
     assert gw.proc is not None
+
+
+def test_two_workers_share_the_port_and_deliver_everything(tmp_path: Path) -> None:
+    with running_gateway(
+        tmp_path,
+        sections={"server": {"workers": 2}, "recon": {"exempt_networks": ["127.0.3.0/24"]}},
+    ) as gw:
+
+        async def many() -> list[list[Reply]]:
+            return await asyncio.gather(
+                *(
+                    send(
+                        gw.port,
+                        f"127.0.3.{i}",
+                        "bob@remote.test",
+                        ["ann@example.test"],
+                        message(f"w{i}"),
+                    )
+                    for i in range(1, 31)
+                )
+            )
+
+        results = run(many())
+        assert [r[-1].code for r in results] == [250] * 30
+        got = gw.wait_for("30 deliveries", lambda: len(gw.messages("ann@example.test")) == 30)
+        assert got
+        pids = set(re.findall(r"kithmail\.smtp\.transaction\[(\d+)\]", gw.log_text()))
+        assert len(pids) == 2, pids  # both workers took connections
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.web_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        accepted = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('kithmail_smtp_messages_total{result="accepted"}')
+        ]
+        assert accepted == [30.0], accepted  # merged across the two workers
