@@ -58,6 +58,7 @@ test-python: build
 lint: build
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
+	$(PY) -m mypy python/kithmail
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 
