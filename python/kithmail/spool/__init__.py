@@ -25,6 +25,12 @@ envelope's. ``active/<queue id>.state`` holds lines ``<crc32 hex> <JSON>\\n``
 that is unterminated or fails its CRC is ignored, and the last valid line of
 a recipient wins until the recipient is final.
 
+Beside them, two small directories carry an operator's wishes from
+``kith queue`` (another process) to the running queue: ``hold/<queue id>``
+(an admin hold: the queue does not attempt that message) and
+``flush/<queue id or "all">.<random>`` (attempt now; the queue removes
+the request when it has read it). Both appear on first use.
+
 Trusts: nothing in the files it did not verify (magic, lengths and checksum
 before a message is handed out); the envelope strings as given (the SMTP
 layer escapes them wherever they are written into headers). Assumes
