@@ -14,7 +14,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-from gateway import Gateway, Reply, message, run, running_gateway, send
+from gateway import (
+    Client,
+    Gateway,
+    Reply,
+    free_port,
+    make_gateway,
+    message,
+    run,
+    running_gateway,
+    send,
+)
 
 
 def test_new_source_is_deferred_then_its_retry_is_delivered(tmp_path: Path) -> None:
@@ -85,3 +95,30 @@ def test_two_workers_share_the_port_and_deliver_everything(tmp_path: Path) -> No
             if line.startswith('kithmail_smtp_messages_total{result="accepted"}')
         ]
         assert accepted == [30.0], accepted  # merged across the two workers
+
+
+def test_ipv6_listener_where_configured(tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path, sections={"recon": {"min_delay": "60s"}})
+    port6 = free_port()
+    text = gw.config.read_text()
+    v4 = f'"127.0.0.1:{gw.port}"'
+    assert v4 in text
+    gw.config.write_text(text.replace(v4, f'{v4}, "[::1]:{port6}"', 1))
+    gw.start()
+    try:
+
+        async def over_v6(source: str) -> list[Reply]:
+            c, hello = await Client.connect(port6, source, host="::1")
+            assert hello is not None and hello.code == 220
+            try:
+                return await c.transaction("bob@remote.test", ["ann@example.test"], message("v6"))
+            finally:
+                await c.close()
+
+        # ::1 is not in this config's trusted_networks: an outsider, judged by Recon.
+        r = run(over_v6("::1"))
+        assert (r[2].code, r[2].status) == (451, "4.7.1"), r[2]
+        assert "client=::1" in gw.log_text()
+    finally:
+        gw.stop()
+        gw.kill()

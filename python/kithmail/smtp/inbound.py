@@ -305,7 +305,14 @@ class InboundSession(SMTP):
         if gw.metrics is not None:
             gw.metrics.connections.labels("served").inc()
         await self.push(f"220 {self.hostname} ESMTP kithmail")
-        await self._command_loop()
+        try:
+            await self._command_loop()
+        finally:
+            # However the loop ended (QUIT, EOF, a reset, a cancelled read
+            # when the client hung up), the connection ends with it: a
+            # half-closed socket would keep the session counted for ever.
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
 
     async def _pregreet(self) -> bool:
         """postscreen's test: a source not yet passed by Recon must not talk first."""
