@@ -81,6 +81,7 @@ def test_two_workers_share_the_port_and_deliver_everything(tmp_path: Path) -> No
                 )
             )
 
+        gw.wait_for("both workers", lambda: gw.log_text().count("kithmail ready") == 2)
         results = run(many())
         assert [r[-1].code for r in results] == [250] * 30
         got = gw.wait_for("30 deliveries", lambda: len(gw.messages("ann@example.test")) == 30)
@@ -118,7 +119,7 @@ def test_ipv6_listener_where_configured(tmp_path: Path) -> None:
         # ::1 is not in this config's trusted_networks: an outsider, judged by Recon.
         r = run(over_v6("::1"))
         assert (r[2].code, r[2].status) == (451, "4.7.1"), r[2]
-        assert "client=::1" in gw.log_text()
+        gw.wait_for("the transaction's log line", lambda: "client=::1" in gw.log_text())
     finally:
         gw.stop()
         gw.kill()
