@@ -242,6 +242,27 @@ def test_downstream_down_defers_then_delivers_when_it_comes_up(tmp_path: Path) -
         asyncio.run(main(root))
 
 
+def test_queue_timeout_defers_and_the_gauges_count_the_message(tmp_path: Path) -> None:
+    async def main(sink: Sink) -> None:
+        spool = Spool(tmp_path / "spool")
+        registry = CollectorRegistry()
+        settings = make_settings(tmp_path, sink.url, timeout="1s", backoff=["1h"])
+        async with running(spool, settings, registry=registry) as q:
+            qid = await spool.accept(envelope(received=time.time() - 120), MSG)
+            q.notify(qid)
+            await wait_for(lambda: states(spool, qid)[0][0] is State.DEFERRED, "a deferral")
+            [(_, detail)] = states(spool, qid)
+            assert detail.startswith(f"attempt 1 via 127.0.0.1:{sink.port}: 451 4.4.2")
+            await wait_for(lambda: metric(registry, "kithmail_queue_messages") == 1, "the gauge")
+            assert metric(registry, "kithmail_queue_oldest_seconds") >= 120
+        assert metric(registry, "kithmail_delivery_attempts_total", result="deferred") == 1
+        # The sink opens its file at DATA; the message never got that far.
+        assert all(b"secret body" not in m for m in sink.messages())
+
+    with smtp_sink("-w", "60") as sink:  # waits 60 s before answering DATA
+        asyncio.run(main(sink))
+
+
 def test_a_cancelled_attempt_leaves_the_recipient_pending(tmp_path: Path) -> None:
     async def main(sink: Sink) -> None:
         spool = Spool(tmp_path / "spool")

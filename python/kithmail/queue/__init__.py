@@ -83,7 +83,7 @@ __all__ = ["Queue", "attempts_of", "next_attempt"]
 log = logging.getLogger("kithmail.queue")
 
 DELIVERABLE = frozenset({State.PENDING, State.DEFERRED})
-_ATTEMPT = re.compile(r"attempt (\d+)\b")
+_ATTEMPT = re.compile(r"\battempt (\d+)\b")
 # Messages loaded per trip to a thread: a restart over a big spool keeps
 # dispatching between batches instead of reading everything first.
 LOAD_BATCH = 256
@@ -96,7 +96,7 @@ def attempts_of(status: RecipientStatus) -> int:
     """Delivery attempts made so far for a recipient, as its state records say."""
     if status.state is not State.DEFERRED:
         return 0
-    m = _ATTEMPT.match(status.detail)
+    m = _ATTEMPT.search(status.detail)
     return int(m.group(1)) if m else 1
 
 
@@ -527,21 +527,33 @@ class Queue:
             else:
                 marks.append((r, State.DEFERRED, f"attempt {n} via {relay}: {res.reply}", res))
 
+        # Deliveries and deferrals first: the sooner a 2xx is on disk, the
+        # smaller the window in which a crash makes a duplicate.
+        if not await self._mark_all(msg, job, [m for m in marks if m[1] is not State.BOUNCED]):
+            return False
+        bounces = [m for m in marks if m[1] is State.BOUNCED]
         notify = [f for f in failures if dsn.should_notify(env, f.recipient.recipient)]
-        dsn_problem = ""
         if notify:
             try:
                 await self._send_dsn(msg, notify, now)
             except SpoolError as e:
-                # The bounce stays unrecorded, so the sender is not left
-                # uninformed: the recipient is deferred and tried again.
-                dsn_problem = f"; DSN not spooled: {e}"
+                # The bounce stays unrecorded, so that the sender is not left
+                # uninformed: those recipients are deferred and tried again.
                 log.error(_kv(event="dsn", queue_id=qid, error=e))
+                waiting = {id(f.recipient) for f in notify}
+                bounces = [
+                    (r, State.DEFERRED, f"{detail}; DSN not spooled: {e}", res)
+                    if id(r) in waiting
+                    else (r, state, detail, res)
+                    for r, state, detail, res in bounces
+                ]
+        return await self._mark_all(msg, job, bounces)
 
+    async def _mark_all(
+        self, msg: SpooledMessage, job: Job, marks: list[tuple[RecipientStatus, State, str, Result]]
+    ) -> bool:
+        qid, now = msg.queue_id, self._clock()
         for r, state, detail, res in marks:
-            if state is State.BOUNCED and dsn_problem and any(f.recipient is r for f in notify):
-                state, detail = State.DEFERRED, f"attempt {attempts_of(r) + 1} via "
-                detail += f"{res.relay or job.relay or '-'}: {res.reply}{dsn_problem}"
             try:
                 await self._spool.mark(qid, r.index, state, detail)
             except MessageNotFoundError:
@@ -561,7 +573,7 @@ class Queue:
                     relay=res.relay or job.relay or "-",
                     reply=res.reply,
                     state=state.value,
-                    delay=f"{max(0.0, now - env.received):.1f}",
+                    delay=f"{max(0.0, now - msg.envelope.received):.1f}",
                     attempt=attempts_of(r) + 1,
                 )
             )
