@@ -451,7 +451,9 @@ def test_header_injection_from_the_sender_stays_out_of_dsn_headers(
 # ---------------------------------------------------------------- restart, other processes
 
 
-def test_a_new_queue_resumes_what_an_old_one_left(tmp_path: Path) -> None:
+def test_a_new_queue_resumes_what_an_old_one_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     port = free_port()
     settings = make_settings(tmp_path, f"smtp://127.0.0.1:{port}", backoff=["1h"])
 
@@ -470,6 +472,7 @@ def test_a_new_queue_resumes_what_an_old_one_left(tmp_path: Path) -> None:
         async with running(spool, settings, clock=lambda: time.time() + 7200):
             await wait_for(gone(spool, qid), "delivery by the new queue")
 
+    caplog.set_level(logging.INFO, logger="kithmail.queue")
     qid = asyncio.run(first())
     with sink_root() as root:
         sink = start_sink(root, port)
@@ -478,6 +481,9 @@ def test_a_new_queue_resumes_what_an_old_one_left(tmp_path: Path) -> None:
             assert len(sink.messages()) == 1
         finally:
             sink.stop()
+    # The attempt count came back from the state records, not from memory.
+    [done] = [r.getMessage() for r in caplog.records if "state=delivered" in r.getMessage()]
+    assert "attempt=2" in done
 
 
 def test_mail_accepted_by_another_process_is_picked_up(tmp_path: Path, run_python: Any) -> None:
