@@ -85,6 +85,34 @@ def read_cpu() -> dict[int, tuple[int, int]]:
     return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def foreign_snapshot() -> dict[int, tuple[int, int]]:
+    """CPU jiffies and start time of every process outside this run's process tree."""
+    ours = {os.getpid(), *peers.descendants(os.getpid())}
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in ours:
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(d)] = (int(fields[11]) + int(fields[12]), int(fields[19]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def foreign_cpu(a: dict[int, tuple[int, int]], b: dict[int, tuple[int, int]], wall: float) -> float:
+    """Cores' worth of CPU other jobs used between two snapshots (a lower bound)."""
+    used = 0
+    for pid, (cpu, start) in b.items():
+        prev = a.get(pid)
+        used += cpu - prev[0] if prev and prev[1] == start else cpu
+    return round(used / _TICK / wall, 3) if wall else 0.0
+
+
 def loadavg() -> list[float]:
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]
@@ -115,6 +143,8 @@ class Bench:
         self.pinned = ncpu >= 2 and shutil.which("taskset") is not None and not args.no_pin
         self.gen_cpus = "0" if self.pinned else ""
         self.srv_cpus = "1" if self.pinned else ""
+        # Children inherit this process's affinity: the unpinned run names all cores.
+        self.all_cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         if self.pinned:
             os.sched_setaffinity(0, {0})
         self.msg = client.message(self.rng, args.size, SENDER, RCPT, HELO)
@@ -178,9 +208,11 @@ class Bench:
                     stop=stop,
                 )
             )
+        f0 = foreign_snapshot()
         c0, g0 = read_cpu(), time.process_time()
         status, wall, cpu, tail = await self._smtp_source(port, sessions, count, reuse)
         c1, g1 = read_cpu(), time.process_time()
+        foreign = foreign_cpu(f0, foreign_snapshot(), wall)
         stop.set()
         probe = await probe_task if probe_task else None
         out: dict[str, Any] = {
@@ -192,6 +224,7 @@ class Bench:
                 **cpu_busy(c0, c1),
                 "smtp_source_s_per_s": round(cpu / wall, 3),
                 "probe_process_s_per_s": round((g1 - g0) / wall, 3),
+                "foreign": foreign,
             },
         }
         if probe is not None:
@@ -222,7 +255,9 @@ class Bench:
         if warm["smtp_source_status"] != 0:
             self.errors.append(f"{label}: warm-up smtp-source failed: {warm['smtp_source_output']}")
             count = sessions * 10
+        settled = self.settle()
         r = asyncio.run(self._load(port, sessions, count, reuse, True))
+        r["settle_s"] = settled
         sent += count + r.get("probe_transactions", 0)
         if r["smtp_source_status"] != 0:
             self.errors.append(
@@ -282,7 +317,19 @@ class Bench:
                 return n
             time.sleep(0.02)  # polling a counter, not waiting for a guessed time
 
+    def settle(self) -> float:
+        """Before a figure: wait (up to --wait-idle, at most 60 s) for both cores to idle."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < min(self.a.wait_idle, 60.0):
+            c0 = read_cpu()
+            time.sleep(0.5)  # a measuring window, not a wait for readiness
+            if max(cpu_busy(c0, read_cpu()).values()) < 0.25:
+                break
+        return round(time.monotonic() - t0, 1)
+
     def bound(self, cpu: dict[str, float]) -> str:
+        if cpu.get("foreign", 0) >= 0.1:
+            return f"other jobs used {cpu['foreign']:.2f} cores: the figure is not clean"
         if self.pinned:
             if cpu.get("cpu1", 0) >= 0.9:
                 return "server core (cpu1) saturated"
@@ -337,6 +384,8 @@ class Bench:
     ) -> dict[str, Any]:
         a = self.a
         before = count_fn() if count_fn else 0
+        settled = self.settle()
+        f0 = foreign_snapshot()
         c0, g0 = read_cpu(), time.process_time()
         r = asyncio.run(
             client.flood(
@@ -360,10 +409,12 @@ class Bench:
                 "setting": setting,
                 "concurrency": a.flood_concurrency,
                 "expected_reply": want,
+                "settle_s": settled,
                 "answered_as_expected": matched,
                 "cpu": {
                     **cpu_busy(c0, c1),
                     "generator_process_s_per_s": round((g1 - g0) / r.seconds, 3),
+                    "foreign": foreign_cpu(f0, foreign_snapshot(), r.seconds),
                 },
             }
         )
@@ -402,8 +453,8 @@ class Bench:
             for s in self.a.sessions:
                 out["throughput"].append(self.measure(server, port, reuse, s, count_fn, setting))
 
-    def kith_config(self, workers: int, sink_port: int, dns_port: int) -> tuple[str, int, str]:
-        port = peers.free_port()
+    def kith_config(self, workers: int, sink_port: int, dns_port: int) -> tuple[str, int, str, int]:
+        port, web = peers.free_port(), peers.free_port()
         data_dir = os.path.join(self.work, "kithmail")
         text = f"""\
 # bench/smtp.py: the gateway as measured
@@ -414,7 +465,7 @@ workers = {workers}
 
 [server.listeners]
 inbound = ["127.0.0.1:{port}"]
-web = ["127.0.0.1:{peers.free_port()}"]
+web = ["127.0.0.1:{web}"]
 submission = ["127.0.0.1:{peers.free_port()}"]
 public = ["127.0.0.1:{peers.free_port()}"]
 policy = ["127.0.0.1:{peers.free_port()}"]
@@ -445,7 +496,7 @@ messages_per_sender_per_minute = 10000000
         path = os.path.join(self.work, f"kithmail-{workers}.toml")
         with open(path, "w") as f:
             f.write(text)
-        return path, port, data_dir
+        return path, port, data_dir, web
 
     def kith(self, cfg: str, *args: str) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -458,6 +509,34 @@ messages_per_sender_per_minute = 10000000
         if done.returncode != 0:
             raise RuntimeError(f"kith {' '.join(args)} failed: {done.stdout}{done.stderr}")
         return done
+
+    def layer_metrics(self, web: int) -> dict[str, Any]:
+        """kithmail's own time per layer and per session, from its /metrics (since start)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        except OSError as e:
+            return {"error": str(e)}
+        sums: dict[str, dict[str, float]] = {}
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            for fam in ("kithmail_layer_seconds", "kithmail_session_seconds"):
+                for part in ("_sum", "_count"):
+                    head = fam + part + "{"
+                    if name.startswith(head):
+                        key = name[len(head) : -1]
+                        sums.setdefault(key, {})[part[1:]] = float(value)
+        out = {}
+        for key, v in sorted(sums.items()):
+            n, total = v.get("count", 0.0), v.get("sum", 0.0)
+            out[key] = {
+                "count": int(n),
+                "sum_s": round(total, 3),
+                "mean_ms": round(1000 * total / n, 3) if n else None,
+            }
+        return out
 
     async def once(self, port: int) -> tuple[int, str]:
         return await client.transact_once(
@@ -502,7 +581,14 @@ messages_per_sender_per_minute = 10000000
         a = self.a
         out: dict[str, list[dict[str, Any]]] = {"sequential": [], "throughput": [], "flood": []}
         info: dict[str, Any] = {}
-        self.background = background()
+        t0 = time.monotonic()
+        while True:
+            self.background = background()
+            busy = max(v for k, v in self.background.items() if k.startswith("cpu"))
+            if busy < 0.25 or time.monotonic() - t0 >= a.wait_idle:
+                break
+            log(f"waiting for an idle machine (--wait-idle): {self.background}")
+        self.background["waited_s"] = round(time.monotonic() - t0 - 1.0, 1)
         log(f"background load before the run: {self.background}")
         dns, dns_port = peers.start_dnsmasq(
             self.work,
@@ -616,7 +702,7 @@ messages_per_sender_per_minute = 10000000
             info["available"] = False
             return info
         info["available"] = True
-        cfg, port, data_dir = self.kith_config(1, down.port, dns_port)
+        cfg, port, data_dir, web = self.kith_config(1, down.port, dns_port)
         os.makedirs(data_dir, exist_ok=True)
         self.kith(cfg, "user", "add", RCPT)
         with open(cfg) as f:
@@ -644,18 +730,25 @@ messages_per_sender_per_minute = 10000000
                 )
             log(f"member check: {info['member_check']}")
             self.run_server("kithmail", port, down.count, "1 worker, pinned", out)
+            info["metrics_before_flood"] = self.layer_metrics(web)
             out["flood"].append(
                 self.flood("kithmail", port, "1 worker, pinned", "451 4.7.1", down.count)
             )
+            info["metrics"] = self.layer_metrics(web)
         finally:
             info["exit_status"] = k.stop()
             info["log_tail"] = k.tail(1500)
         if info["exit_status"] not in (0, None):
             self.errors.append(f"kithmail exited {info['exit_status']}")
         if a.workers > 1:
-            cfg2, port2, _ = self.kith_config(a.workers, down.port, dns_port)
+            cfg2, port2, _, _ = self.kith_config(a.workers, down.port, dns_port)
             k2 = peers.start_kith(
-                a.kith, cfg2, port2, os.path.join(self.work, "kithmail-w.log"), "", a.workers
+                a.kith,
+                cfg2,
+                port2,
+                os.path.join(self.work, "kithmail-w.log"),
+                self.all_cpus if self.pinned else "",
+                a.workers,
             )
             setting = f"{a.workers} workers, unpinned"
             try:
@@ -725,7 +818,7 @@ messages_per_sender_per_minute = 10000000
                 "server_cpus": [1] if self.pinned else "any",
                 "note": "core 0: this process (probe, flood), smtp-source, the downstream "
                 "smtp-sink and dnsmasq; core 1: the measured server (taskset -c 1; Postfix's "
-                "master and all its daemons, Postgrey with it). The workers run is unpinned."
+                "master and all its daemons, Postgrey with it). The workers run is unpinned (taskset -c with every core)."
                 if self.pinned
                 else "not pinned (fewer than 2 cores, no taskset, or --no-pin)",
             },
@@ -806,7 +899,18 @@ def print_table(rep: dict[str, Any]) -> None:
     )
     print(f"pinning: {rep['pinning']['note']}")
     res = rep["results"]
-    head = ["server", "setting", "conn", "sess", "msgs/s", "p50", "p99", "cpu0/cpu1", "sink"]
+    head = [
+        "server",
+        "setting",
+        "conn",
+        "sess",
+        "msgs/s",
+        "p50",
+        "p99",
+        "cpu0/cpu1",
+        "other",
+        "sink",
+    ]
     rows = []
     for r in res["throughput"]:
         p = r["probe"]
@@ -820,6 +924,7 @@ def print_table(rep: dict[str, Any]) -> None:
                 f"{p['p50_ms']}ms",
                 f"{p['p99_ms']}ms",
                 f"{r['cpu'].get('cpu0', 0):.2f}/{r['cpu'].get('cpu1', 0):.2f}",
+                f"{r['cpu'].get('foreign', 0):.2f}",
                 "ok" if r["sink"]["correct"] else f"{r['sink']['counted']}/{r['sink']['sent']}",
             ]
         )
@@ -832,7 +937,7 @@ def print_table(rep: dict[str, Any]) -> None:
     ]
     _table(head, rows)
     print()
-    head = ["flood: server", "setting", "conn/s", "p50", "p99", "cpu0/cpu1", "answers"]
+    head = ["flood: server", "setting", "conn/s", "p50", "p99", "cpu0/cpu1", "other", "answers"]
     rows = [
         [
             r["server"],
@@ -841,6 +946,7 @@ def print_table(rep: dict[str, Any]) -> None:
             f"{r['p50_ms']}ms",
             f"{r['p99_ms']}ms",
             f"{r['cpu'].get('cpu0', 0):.2f}/{r['cpu'].get('cpu1', 0):.2f}",
+            f"{r['cpu'].get('foreign', 0):.2f}",
             ", ".join(f"{k}: {n}" for k, n in r["answers"].items()),
         ]
         for r in res["flood"]
@@ -922,6 +1028,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", default="release", help="build profile to record")
     p.add_argument("--seed", type=int, default=20_240_601, help="data seed")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for both cores under 25%% busy before starting",
+    )
     p.add_argument("--dir", help="parent of the temporary directory (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = p.parse_args(argv)
