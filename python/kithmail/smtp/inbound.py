@@ -353,6 +353,12 @@ class InboundSession(SMTP):
                 return
             except (ConnectionResetError, asyncio.CancelledError):
                 return
+            if len(line) > lim.max_line_length:  # RFC 5321 §4.5.3.1: CRLF included
+                self.command = "other"
+                await self._bad(
+                    f"500 5.5.2 Line too long; the limit is {lim.max_line_length} octets"
+                )
+                continue
             line = line.rstrip(b"\r\n")
             verb, _, arg_bytes = line.partition(b" ")
             try:
@@ -380,14 +386,19 @@ class InboundSession(SMTP):
                 log.exception("session error %s", _kv(client=self.ip, command=command))
                 await self.push("451 4.3.0 Local error in processing; try again later")
 
-    async def _drain_line(self, consumed: int) -> None:
-        await self._reader.read(consumed)
+    async def _drain_line(self, consumed: int, end: bytes = b"\n") -> None:
+        """Discard the rest of an over-long line, through its own `end`.
+
+        After an overrun the reader's buffer may stop anywhere in the line;
+        what is left of it is still that line, never a line of its own.
+        """
+        await self._reader.readexactly(consumed)
         while True:
             try:
-                await self._reader.readuntil(b"\n")
+                await self._reader.readuntil(end)
                 return
             except asyncio.LimitOverrunError as e:
-                await self._reader.read(e.consumed)
+                await self._reader.readexactly(e.consumed)
 
     async def _bad(self, reply: str) -> None:
         """A malformed or unknown command: counted; too many end the session."""
@@ -647,8 +658,9 @@ class InboundSession(SMTP):
         """The message, one line per item (dot-unstuffed, CRLF kept).
 
         Only <CRLF>.<CRLF> ends it (RFC 5321 §4.1.1.4): a bare CR or LF is
-        never a line end here. Returns (lines, the reply refusing the
-        message or None, bytes taken from the memory budget).
+        never a line end here, and neither is a break the reader's buffer
+        makes inside an over-long line. Returns (lines, the reply refusing
+        the message or None, bytes taken from the memory budget).
         """
         lim = self.gw.settings.limits
         max_size, budget = lim.max_message_size, self.gw.budget
@@ -657,44 +669,60 @@ class InboundSession(SMTP):
         size = taken = 0
         problem: str | None = None
         reader = self._reader
-        while True:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as e:
-                await reader.read(e.consumed)
-                if problem is None:
-                    problem = (
-                        f"500 5.5.2 Line too long; RFC 5321 allows {lim.max_line_length} octets"
-                    )
-                    lines.clear()
-                continue
-            if line == b".\r\n":
-                break
-            if problem is not None:
-                continue  # drain to the end of DATA, keep nothing
-            if line[:1] == b".":
-                line = line[1:]
-            body = line[:-2]
-            if b"\n" in body or b"\r" in body:
-                if not normalize:
-                    problem = (
-                        "554 5.6.0 Bare CR or LF in the message; lines must end with CRLF"
-                        " (RFC 5321 §2.3.8)"
-                    )
-                    lines.clear()
+
+        def refuse(reply: str) -> None:
+            nonlocal problem, taken
+            if problem is None:
+                problem = reply
+                lines.clear()
+                budget.give(taken)
+                taken = 0
+
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as e:
+                    await self._drain_line(e.consumed, b"\r\n")
+                    line = b""  # too long, and already discarded
+                if line == b".\r\n":
+                    break
+                if line[:1] == b".":
+                    line = line[1:]
+                # §4.5.3.1.6: 1000 octets with the CRLF, the transparency dot not counted.
+                if not line or len(line) > lim.max_line_length:
+                    refuse(f"500 5.5.2 Line too long; RFC 5321 allows {lim.max_line_length} octets")
+                if problem is not None:
+                    continue  # drain to the end of DATA, keep nothing
+                body = line[:-2]
+                if b"\n" in body or b"\r" in body:
+                    if not normalize:
+                        refuse(
+                            "554 5.6.0 Bare CR or LF in the message; lines must end with CRLF"
+                            " (RFC 5321 §2.3.8)"
+                        )
+                        continue
+                    # One item per line, so that the header rules see every
+                    # line a downstream reader will see.
+                    new = [part + b"\r\n" for part in body.replace(b"\r", b"\n").split(b"\n")]
+                else:
+                    new = [line]
+                n = sum(len(x) for x in new)
+                size += n
+                if size > max_size:
+                    refuse("552 5.3.4 Message size exceeds fixed maximum message size")
                     continue
-                line = body.replace(b"\r", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
-            size += len(line)
-            if size > max_size:
-                problem = "552 5.3.4 Message size exceeds fixed maximum message size"
-                lines.clear()
-                continue
-            if not budget.take(len(line)):
-                problem = "452 4.3.1 Insufficient system resources; try again later"
-                lines.clear()
-                continue
-            taken += len(line)
-            lines.append(line)
+                if not budget.take(n):
+                    refuse("452 4.3.1 Insufficient system resources; try again later")
+                    continue
+                taken += n
+                lines.extend(new)
+        except BaseException:
+            # A hang-up (aiosmtpd cancels the session at EOF), a timeout, an
+            # error: the bytes go back, or the budget would shrink for good
+            # with every client that left mid-DATA.
+            budget.give(taken)
+            raise
         return lines, problem, taken
 
     async def _end_of_data(self, tx: _Transaction, lines: list[bytes], size: int) -> str:
