@@ -16,6 +16,10 @@ here, before any table sees the address:
   are never a local domain, so they can only be relaying (refused by the
   caller for untrusted clients).
 
+The one path without a domain, the recipient `<Postmaster>` (RFC 5321
+§4.1.1.3, any case), is accepted with `domain == ""`; the caller decides
+whose postmaster it is.
+
 Standards: RFC 5321 §4.1.2 and §4.5.3.1 (lengths), RFC 6531 (SMTPUTF8),
 RFC 5890 (IDNA: domains compared in their A-label form).
 """
@@ -77,6 +81,11 @@ class Path:
     def null(self) -> bool:
         return not self.address
 
+    @property
+    def postmaster(self) -> bool:
+        """`postmaster@…` or the bare `<Postmaster>`, in any case (RFC 5321 §4.5.1)."""
+        return not self.quoted and self.local.lower() == "postmaster"
+
 
 def _syntax(what: str) -> PathError:
     return PathError(501, "5.1.3", f"Bad {what} address syntax")
@@ -125,6 +134,10 @@ def parse_path(arg: str, *, keyword: str, utf8: bool, recipient: bool) -> tuple[
         if recipient:
             raise _syntax(what)
         return Path("", "", "", ""), params.strip()
+    if recipient and inner.lower() == "postmaster":
+        # RFC 5321 §4.1.1.3: the one mailbox without a domain, the server's
+        # own postmaster; the caller names the domain (Path.domain is "").
+        return Path(inner, "postmaster", inner, ""), params.strip()
     return _mailbox(inner, what, recipient), params.strip()
 
 

@@ -14,7 +14,9 @@ What a session goes through, in order:
    `pregreet_wait` of silence; a client that talks first is a bot that does
    not wait for the server (as Postfix's postscreen finds them): 554 5.5.1.
 4. Commands. RCPT runs the relay rules, the one-tenant rule, recipient
-   validation and layers 1-2 (`kithmail.pipeline`); DATA is read within
+   validation (postmaster@ each local domain, and the bare <Postmaster>
+   for the first, need no user: RFC 5321 §4.5.1) and layers 1-2
+   (`kithmail.pipeline`); DATA is read within
    the size limit and the process-wide memory budget, bare CR/LF refused
    or normalised; end of DATA runs layers 3-4, adds our Received header,
    removes headers only we may write, and answers 250 with the queue id
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -592,6 +595,11 @@ class InboundSession(SMTP):
         lim = gw.settings.limits
         if len(tx.rcpts) >= lim.max_recipients:
             return "452 4.5.3 Too many recipients"
+        if not path.domain:  # the bare <Postmaster>: the gateway's own, its first local domain
+            domain = gw.settings.domains.local[0].lower()
+            path = dataclasses.replace(
+                path, address=f"postmaster@{domain}", folded=f"postmaster@{domain}", domain=domain
+            )
         policy = None if path.literal else gw.policies.for_domain(path.domain)
         if policy is None:
             if self.trusted:
@@ -600,8 +608,22 @@ class InboundSession(SMTP):
             return "554 5.7.1 Relay access denied"
         if tx.policy is not None and tx.policy.tenant != policy.tenant:
             return "452 4.5.3 Recipients of another organisation go in a separate transaction"
+        # What goes on names the domain judged local (folded: lower case,
+        # A-labels), never a look-alike (`ｅxample.test`, which UTS 46 folds
+        # to example.test) that the downstream server might not take for its
+        # own and relay. The local part stays as given, but for postmaster.
+        local = "postmaster" if path.postmaster else path.local
+        path = dataclasses.replace(path, address=f"{local}@{path.domain}")
         now = int(gw.clock())
-        if gw.settings.domains.verify_recipients == "users" and gw.find_user(path.folded) is None:
+        # RFC 5321 §4.5.1: postmaster@ every local domain is accepted, a
+        # user or not, and goes downstream as addressed. The layers still
+        # judge it: a way past them for one well-known address would be
+        # the first thing spam tried.
+        if (
+            gw.settings.domains.verify_recipients == "users"
+            and not path.postmaster
+            and gw.find_user(path.folded) is None
+        ):
             self._learn("unknown_recipient", now)
             return str(unknown_recipient().reply)
         verdicts = await gw.pipeline.rcpt(
