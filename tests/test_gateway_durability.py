@@ -45,13 +45,17 @@ async def _send_many(
         subject = f"msg-{i}"
         try:
             c, _ = await Client.connect(port, "127.0.0.1")
-            replies = await c.transaction(
-                "carol@remote.test", ["ann@example.test"], message(subject)
-            )
-            await c.close()
         except (ConnectionError, OSError, TimeoutError, AssertionError):
             await asyncio.sleep(0.05)
             continue
+        try:
+            replies = await c.transaction(
+                "carol@remote.test", ["ann@example.test"], message(subject)
+            )
+        except (ConnectionError, OSError, TimeoutError, AssertionError):
+            continue
+        finally:
+            c.writer.close()  # a killed server: no wait_closed, the socket is gone
         if replies[-1].code == 250:
             acked[subject] = replies[-1].text.rsplit(" ", 1)[1]
 
