@@ -267,13 +267,26 @@ class InboundSession(SMTP):
     # ------------------------------------------------------------ the session
 
     async def _handle_client(self) -> None:  # replaces aiosmtpd's command loop
-        gw, lim = self.gw, self.gw.settings.limits
+        gw = self.gw
         assert self.session is not None and self.transport is not None
         peer = self.session.peer
         self.peer_ip = _plain_ip(peer[0]) if isinstance(peer, tuple) else "127.0.0.1"
         self.upstream = gw.pipeline.is_upstream(self.peer_ip)
         self._set_client(self.peer_ip)
         self._count()
+        try:
+            await self._serve()
+        finally:
+            # However the session ended (QUIT, EOF, a reset, a cancelled read
+            # when the client hung up -- in the command loop, but also while
+            # it was awaited for a PROXY header or sat out the pregreet
+            # wait), the connection ends with it: a half-closed socket would
+            # keep the session counted until a timeout.
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+
+    async def _serve(self) -> None:
+        gw, lim = self.gw, self.gw.settings.limits
         now = gw.clock()
         if gw.closing:
             return self._refuse_connection(
@@ -308,14 +321,7 @@ class InboundSession(SMTP):
         if gw.metrics is not None:
             gw.metrics.connections.labels("served").inc()
         await self.push(f"220 {self.hostname} ESMTP kithmail")
-        try:
-            await self._command_loop()
-        finally:
-            # However the loop ended (QUIT, EOF, a reset, a cancelled read
-            # when the client hung up), the connection ends with it: a
-            # half-closed socket would keep the session counted for ever.
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
+        await self._command_loop()
 
     async def _pregreet(self) -> bool:
         """postscreen's test: a source not yet passed by Recon must not talk first."""
