@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import re
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -134,3 +135,18 @@ def log_lines(gw: Gateway, *needles: str) -> list[str]:
 
 def wait_log(gw: Gateway, *needles: str, timeout: float = 20.0) -> list[str]:
     return list(gw.wait_for(f"a log line with {needles}", lambda: log_lines(gw, *needles), timeout))
+
+
+def sessions_open(gw: Gateway) -> float:
+    """The server's `kithmail_smtp_sessions` gauge (sessions counted against the limits)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.web_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("kithmail_smtp_sessions "):
+            return float(line.split()[1])
+    raise AssertionError("no kithmail_smtp_sessions in /metrics")
+
+
+def wait_no_sessions(gw: Gateway, timeout: float = 5.0) -> None:
+    """Every session has ended and left the connection counts (polled)."""
+    gw.wait_for("no SMTP session left open", lambda: sessions_open(gw) == 0, timeout)
