@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from kithmail import CoreError, config
 from kithmail.layers import Action, Verdict
@@ -460,7 +460,17 @@ class InboundSession(SMTP):
         else:
             self._end_transaction("reset")
             self.helo, self.esmtp = "", False  # RFC 3207 §4.2: forget everything
-            await self.smtp_STARTTLS(arg)
+            try:
+                await self.smtp_STARTTLS(arg)
+            except TLSSetupException as e:
+                # Routine (scanners, old clients): one line, no traceback. The
+                # SSL layer tells no protocol of a handshake that failed, so
+                # connection_lost would never come: the session ends here, or
+                # it would stay counted against the limits for good.
+                log.info(
+                    "TLS handshake failed %s", _kv(client=self.ip, error=str(e.__cause__)[:200])
+                )
+                self.connection_lost(e)
 
     async def do_noop(self, arg: str) -> None:
         await self.push("250 2.0.0 Ok")
