@@ -486,7 +486,7 @@ class Queue:
                 log.exception(_kv(event="deliver", queue_id=qid, relay=str(target)))
                 job.settle(deferred(f"451 4.3.0 internal error: {type(e).__name__}", ""))
             if not await self._record(msg, job):
-                return  # the message went away under us
+                return  # the message went away under us (or was delivered and removed)
         await self._finish(qid)
 
     async def _finish(self, qid: QueueId) -> None:
@@ -527,6 +527,25 @@ class Queue:
             else:
                 marks.append((r, State.DEFERRED, f"attempt {n} via {relay}: {res.reply}", res))
 
+        # Every open recipient delivered in this one transaction (the common
+        # case): removing the message records it, with no state line or
+        # fsync per recipient. A crash before the removal reaches the disk
+        # delivers it again: a duplicate, never a loss.
+        open_now = {r.index for r in msg.recipients if not r.state.final}
+        if (
+            marks
+            and all(state is State.DELIVERED for _, state, _, _ in marks)
+            and {r.index for r, _, _, _ in marks} == open_now
+        ):
+            try:
+                await self._spool.remove(qid, force=True, durable=False)
+            except MessageNotFoundError:
+                return False
+            self._log_marks(msg, job, marks)
+            self._forget(qid)
+            log.info(_kv(event="removed", queue_id=qid))
+            return False
+
         # Deliveries and deferrals first: the sooner a 2xx is on disk, the
         # smaller the window in which a crash makes a duplicate.
         if not await self._mark_all(msg, job, [m for m in marks if m[1] is not State.BOUNCED]):
@@ -565,10 +584,22 @@ class Queue:
             except SpoolError as e:
                 log.error(_kv(event="mark", queue_id=qid, rcpt=r.recipient.address, error=e))
                 continue
+            self._log_marks(msg, job, [(r, state, detail, res)], now)
+        return True
+
+    def _log_marks(
+        self,
+        msg: SpooledMessage,
+        job: Job,
+        marks: list[tuple[RecipientStatus, State, str, Result]],
+        now: float | None = None,
+    ) -> None:
+        now = self._clock() if now is None else now
+        for r, state, _, res in marks:
             self._metrics.attempts.labels(state.value).inc()
             log.info(
                 _kv(
-                    queue_id=qid,
+                    queue_id=msg.queue_id,
                     rcpt=r.recipient.address,
                     relay=res.relay or job.relay or "-",
                     reply=res.reply,
@@ -577,7 +608,6 @@ class Queue:
                     attempt=attempts_of(r) + 1,
                 )
             )
-        return True
 
     async def _send_dsn(self, msg: SpooledMessage, failures: list[dsn.Failure], now: float) -> None:
         host = self._settings.server.hostname

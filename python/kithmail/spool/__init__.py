@@ -47,6 +47,7 @@ promise; duplicates after a crash are allowed, loss is not), RFC 3463 4.3.1
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import errno
 import hashlib
@@ -63,7 +64,7 @@ from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NewType
+from typing import Any, NewType, cast
 
 from kithmail.layers import Action, Layer, SmtpReply, Verdict
 
@@ -648,6 +649,18 @@ class _Writer:
                 self._buf += chunk
 
     def finish(self) -> None:
+        """Seal, fsync, rename into active/ and fsync the directory: one message alone."""
+        self.seal()
+        with self._lock:
+            self._check_live()
+            assert self._fd is not None
+            with _os_errors("syncing", self._tmp):
+                os.fsync(self._fd)
+        self.place()
+        _fsync_dir(self._active.parent)
+
+    def seal(self) -> None:
+        """Write what is buffered and the end record; nothing is synced yet."""
         with self._lock:
             self._check_live()
             assert self._fd is not None
@@ -656,15 +669,21 @@ class _Writer:
                 self._buf = bytearray()
             end = b"END %016x %s\n" % (self._length, self._sha.hexdigest().encode())
             self._write(end, hashed=False)
-            with _os_errors("syncing", self._tmp):
-                os.fsync(self._fd)
+
+    def place(self) -> None:
+        """Close and rename into active/: only after the data is on disk."""
+        with self._lock:
+            self._check_live()
+            assert self._fd is not None
             fd, self._fd = self._fd, None
             with _os_errors("closing", self._tmp):
                 os.close(fd)
             with _os_errors("renaming into active/", self._tmp):
                 os.rename(self._tmp, self._active)
             self._created, self._placed = False, True
-            _fsync_dir(self._active.parent)
+
+    def fileno(self) -> int | None:
+        return self._fd
 
     def undo(self) -> None:
         """Leave nothing of a message whose queue id the caller never received.
@@ -740,6 +759,148 @@ def _sync_chunks(data: Chunk | Iterable[Chunk]) -> Iterator[Chunk]:
         yield chunk
 
 
+# ---------------------------------------------------------------- group commit
+
+# Messages smaller than this are written by the committer thread itself;
+# bigger ones are written in a thread of their own first, so that one big
+# message does not hold up a batch of small ones.
+_INLINE = 256 * 1024
+
+
+def _small(data: object) -> bool:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return len(data) <= _INLINE
+    if isinstance(data, list | tuple):
+        total = 0
+        for c in data:
+            if not _bytes_like(c):
+                return False
+            total += len(c)
+        return total <= _INLINE
+    return False
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int], int], fn)
+
+
+_SYNCFS = _load_syncfs()
+
+
+class _Committer:
+    """One thread that makes accepted messages durable in batches (group commit).
+
+    Under load many sessions finish DATA at once; fsyncing each file and the
+    directory for each message costs two journal commits per message (about
+    6 ms each on the disks we measured). The committer takes every message
+    sealed since its last round, makes their data durable with one
+    syncfs(2) of the spool's filesystem (one fsync per file where syncfs is
+    missing), renames each into active/ and fsyncs the directory once; only
+    then are their callers told, and only then is 250 said. A failure fails
+    the whole round: no caller is told "done" for data that may not be on
+    disk. syncfs also writes back other dirty files of that filesystem,
+    which only costs time.
+    """
+
+    def __init__(self, active: Path) -> None:
+        self._active = active
+        self._cond = threading.Condition()
+        self._queue: list[tuple[_Writer, Any, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._thread: threading.Thread | None = None
+        self.rounds = 0
+        self.committed = 0
+
+    def submit(self, w: _Writer, data: Any) -> asyncio.Future[None]:
+        """Write (when `data` is not None), seal and commit `w`; the future says when."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            self._queue.append((w, data, loop, fut))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="kithmail-spool-commit", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            self._round(batch)
+
+    def _round(
+        self, batch: list[tuple[_Writer, Any, asyncio.AbstractEventLoop, asyncio.Future[None]]]
+    ) -> None:
+        ready = []
+        for w, data, loop, fut in batch:
+            try:
+                if data is not None:
+                    _fill(w, data)
+                w.seal()
+                ready.append((w, loop, fut))
+            except BaseException as e:
+                _resolve(loop, fut, e)
+        if not ready:
+            return
+        error: BaseException | None = None
+        try:
+            self._sync([w for w, _, _ in ready])
+            placed = []
+            for w, loop, fut in ready:
+                try:
+                    w.place()
+                    placed.append((w, loop, fut))
+                except BaseException as e:  # undone meanwhile: its caller is gone
+                    _resolve(loop, fut, e)
+            ready = placed
+            _fsync_dir(self._active)
+        except BaseException as e:
+            error = e
+        self.rounds += 1
+        self.committed += len(ready) if error is None else 0
+        for _, loop, fut in ready:
+            _resolve(loop, fut, error)
+
+    def _sync(self, writers: list[_Writer]) -> None:
+        fds = [fd for w in writers if (fd := w.fileno()) is not None]
+        if _SYNCFS is not None and len(fds) > 1:
+            if _SYNCFS(fds[0]) != 0:
+                err = ctypes.get_errno()
+                raise SpoolError(f"syncing the spool's filesystem: {os.strerror(err)}")
+            return
+        for fd in fds:
+            with _os_errors("syncing", self._active):
+                os.fsync(fd)
+
+
+def _resolve(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None], error: BaseException | None
+) -> None:
+    def done() -> None:
+        if fut.done():
+            return
+        if error is None:
+            fut.set_result(None)
+        elif isinstance(error, Exception):
+            fut.set_exception(error)
+        else:
+            fut.set_exception(SpoolError(f"interrupted: {error!r}"))
+
+    with suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(done)
+
+
 # ---------------------------------------------------------------- the spool
 
 
@@ -769,6 +930,7 @@ class Spool:
         # current state, refuse a change to a final one, append); striped
         # so unrelated messages do not wait for each other's fsync.
         self._locks = [threading.Lock() for _ in range(64)]
+        self._committer = _Committer(self.root / "active")
         made = False
         for sub in ("", "tmp", "active", "corrupt"):
             d = self.root / sub
@@ -818,9 +980,12 @@ class Spool:
                         await asyncio.to_thread(w.feed, chunk)
                     else:
                         w.feed(chunk)
+                await self._committer.submit(w, None)
+            elif _small(data):
+                await self._committer.submit(w, data)
             else:
                 await asyncio.to_thread(_fill, w, data)
-            await asyncio.to_thread(w.finish)
+                await self._committer.submit(w, None)
             done = True
             return queue_id
         finally:
@@ -928,11 +1093,17 @@ class Spool:
         if created:
             _fsync_dir(path.parent)
 
-    async def remove(self, queue_id: str, *, force: bool = False) -> None:
-        await asyncio.to_thread(self.remove_sync, queue_id, force=force)
+    async def remove(self, queue_id: str, *, force: bool = False, durable: bool = True) -> None:
+        await asyncio.to_thread(self.remove_sync, queue_id, force=force, durable=durable)
 
-    def remove_sync(self, queue_id: str, *, force: bool = False) -> None:
-        """Remove a message whose every recipient is final (any, with `force`)."""
+    def remove_sync(self, queue_id: str, *, force: bool = False, durable: bool = True) -> None:
+        """Remove a message whose every recipient is final (any, with `force`).
+
+        `durable=False` skips the directory fsync: for a message just
+        delivered to every recipient, where a crash that forgets the removal
+        only means one more delivery (a duplicate RFC 5321 §6.1 allows),
+        and the queue saves a journal commit per message.
+        """
         qid = _check_id(queue_id)
         with self._locks[hash(qid) % len(self._locks)]:
             if not force:
@@ -959,7 +1130,8 @@ class Spool:
                 pass
             except OSError as e:
                 log.warning("%s: state file left behind: %s", qid, e.strerror)
-            _fsync_dir(self.root / "active")
+            if durable:
+                _fsync_dir(self.root / "active")
             # An admin hold dies with its message (a new id is never reused).
             with suppress(FileNotFoundError):
                 (self.root / "hold" / qid).unlink()
