@@ -71,37 +71,78 @@ def split_header(lines: Sequence[bytes]) -> int:
     return len(lines)
 
 
-def _ours(name: bytes, first: bytes, authserv_id: bytes) -> bool:
+_TOKEN = re.compile(rb'[^\s;()"]*')
+_CFWS_LIMIT = 4096
+
+
+def _authserv_id(value: bytes) -> bytes | None:
+    """The authserv-id of an Authentication-Results value, lower-cased.
+
+    RFC 8601 §2.2: it is the first item of the value, a token or a
+    quoted-string, which folding white space and comments (CFWS, nested)
+    may precede -- on a continuation line, behind "(a comment)", in
+    quotes: every form a downstream parser reads as the same id. None when
+    no id shows within the first `_CFWS_LIMIT` octets (the caller treats
+    that as ours: dropping such a field is harmless, and the scan stays
+    bounded however long a field is).
+    """
+    head = value[:_CFWS_LIMIT]
+    depth = i = 0
+    while True:
+        if i >= len(head):
+            return None
+        c = head[i]
+        if depth:
+            if c == 0x5C:  # a quoted-pair: "\)" does not close the comment
+                i += 1
+            elif c == 0x28:  # (
+                depth += 1
+            elif c == 0x29:  # )
+                depth -= 1
+        elif c == 0x28:
+            depth = 1
+        elif c not in b" \t\r\n":
+            break
+        i += 1
+    rest = value[i:]
+    if rest[:1] == b'"':
+        m = re.match(rb'"((?:[^"\\]|\\.)*)"', rest[:_CFWS_LIMIT])
+        return None if m is None else re.sub(rb"\\(.)", rb"\1", m[1]).lower()
+    m = _TOKEN.match(rest)
+    return m[0].lower() if m else None
+
+
+def _ours(name: bytes, value: bytes, authserv_id: bytes) -> bool:
     n = name.lower()
     if n.startswith(b"x-kithmail-") or n == b"received-spf":
         return True
     if n == b"authentication-results":
-        # RFC 8601 §2.2: the authserv-id is the first token of the value.
-        token = first.split(b":", 1)[1].strip().split(b";", 1)[0].split(None, 1)
-        return bool(token) and token[0].lower() == authserv_id
+        found = _authserv_id(value)
+        return found is None or found == authserv_id
     return False
 
 
 def strip_ours(lines: Sequence[bytes], end: int, authserv_id: str) -> tuple[list[bytes], int]:
     """The header lines [0, end) without the fields only kithmail may write.
 
-    Returns the kept lines and how many fields were removed.
+    A field is judged whole, its continuation lines included. Returns the
+    kept lines and how many fields were removed.
     """
     sid = authserv_id.lower().encode("ascii")
     kept: list[bytes] = []
     removed = 0
-    dropping = False
-    for line in lines[:end]:
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        m = _NAME.match(line)
-        dropping = bool(m) and _ours(m.group(1), line, sid) if m else False
-        if dropping:
+    i = 0
+    while i < end:
+        j = i + 1
+        while j < end and lines[j][:1] in (b" ", b"\t"):
+            j += 1
+        field = lines[i:j]
+        m = _NAME.match(field[0])
+        if m and _ours(m.group(1), b"".join(field)[m.end() :], sid):
             removed += 1
         else:
-            kept.append(line)
+            kept.extend(field)
+        i = j
     return kept, removed
 
 
