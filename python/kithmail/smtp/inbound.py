@@ -155,7 +155,7 @@ class _Transaction:
     utf8: bool
     policy: TenantPolicy | None = None
     rcpts: list[_Rcpt] = field(default_factory=list)
-    refused: list[tuple[str, str]] = field(default_factory=list)  # (address, reply)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (address, reply, reason)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -595,22 +595,23 @@ class InboundSession(SMTP):
                 split_params(rest)
                 raise PathError(555, "5.5.4", "RCPT parameters are not supported")
         except PathError as e:
-            tx.refused.append((arg[:100], e.reply))
+            tx.refused.append((arg[:100], e.reply, "syntax"))
             await self._bad(e.reply)
             return
-        reply = await self._rcpt(tx, path)
-        if reply is not None:
-            tx.refused.append((path.address, reply))
+        refusal = await self._rcpt(tx, path)
+        if refusal is not None:
+            reply, reason = refusal
+            tx.refused.append((path.address, reply, reason))
             await self.push(reply)
             return
         await self.push("250 2.1.5 Ok")
 
-    async def _rcpt(self, tx: _Transaction, path: Path) -> str | None:
-        """None to accept the recipient, else the reply refusing it."""
+    async def _rcpt(self, tx: _Transaction, path: Path) -> tuple[str, str] | None:
+        """None to accept the recipient, else (the reply refusing it, its reason code)."""
         gw = self.gw
         lim = gw.settings.limits
         if len(tx.rcpts) >= lim.max_recipients:
-            return "452 4.5.3 Too many recipients"
+            return "452 4.5.3 Too many recipients", "limits.recipients"
         if not path.domain:  # the bare <Postmaster>: the gateway's own, its first local domain
             domain = gw.settings.domains.local[0].lower()
             path = dataclasses.replace(
@@ -621,9 +622,12 @@ class InboundSession(SMTP):
             if self.trusted:
                 tx.rcpts.append(_Rcpt(path, []))  # trusted networks may relay (DESIGN.md)
                 return None
-            return "554 5.7.1 Relay access denied"
+            return "554 5.7.1 Relay access denied", "relay.denied"
         if tx.policy is not None and tx.policy.tenant != policy.tenant:
-            return "452 4.5.3 Recipients of another organisation go in a separate transaction"
+            return (
+                "452 4.5.3 Recipients of another organisation go in a separate transaction",
+                "tenant.separate",
+            )
         # What goes on names the domain judged local (folded: lower case,
         # A-labels), never a look-alike (`ｅxample.test`, which UTS 46 folds
         # to example.test) that the downstream server might not take for its
@@ -641,7 +645,7 @@ class InboundSession(SMTP):
             and gw.find_user(path.folded) is None
         ):
             self._learn("unknown_recipient", now)
-            return str(unknown_recipient().reply)
+            return str(unknown_recipient().reply), "recipient.unknown"
         verdicts = await gw.pipeline.rcpt(
             policy,
             client_ip=self.ip,
@@ -652,14 +656,17 @@ class InboundSession(SMTP):
         )
         for v in verdicts:
             if v.acts and v.action in (Action.DEFER, Action.REJECT):
-                return str(rcpt_reply(v))
+                return str(rcpt_reply(v)), v.reason
         if gw.settings.domains.verify_recipients == "downstream" and gw.callahead is not None:
             answer = await gw.callahead(path.address)
             if answer == "unknown":
                 self._learn("unknown_recipient", now)
-                return str(unknown_recipient().reply)
+                return str(unknown_recipient().reply), "recipient.unknown"
             if answer != "exists":
-                return "451 4.4.3 Cannot verify the recipient now; try again later"
+                return (
+                    "451 4.4.3 Cannot verify the recipient now; try again later",
+                    "recipient.unverified",
+                )
         tx.policy = policy
         tx.rcpts.append(_Rcpt(path, verdicts))
         return None
@@ -882,8 +889,8 @@ class InboundSession(SMTP):
         else:
             for a in tx.rcpts:
                 rcpts.append({"to": a.path.address, "outcome": result})
-        for addr, why in tx.refused:
-            rcpts.append({"to": addr, "reply": why[:80]})
+        for addr, why, reason in tx.refused:
+            rcpts.append({"to": addr, "reply": why[:80], "reason": reason})
         txlog.info(
             "transaction %s",
             _kv(
