@@ -120,7 +120,7 @@ def test_plaintext_commands_pipelined_behind_starttls_are_discarded(gw: Gateway)
                 b"RCPT TO:<carol@example.test>\r\nDATA\r\n"
             )
             ready = await c.reply()
-            assert pair(ready) == (220, ""), ready
+            assert pair(ready) == (220, "2.0.0"), ready
             await c.writer.start_tls(_client_context(), server_hostname="mx.kithmail.test")
             # The first reply inside TLS is the EHLO's: nothing injected was answered.
             ehlo = await c.cmd("EHLO tls.client.example")
@@ -143,7 +143,8 @@ def test_the_session_starts_over_after_starttls(gw: Gateway) -> None:
         c, _ = await session(gw.port, "127.0.0.44")
         try:
             assert pair(await c.cmd("MAIL FROM:<bob@remote.test>")) == (250, "2.1.0")
-            assert (await c.cmd("STARTTLS")).code == 220
+            ready = await c.cmd("STARTTLS")
+            assert (ready.code, ready.status) == (220, "2.0.0"), ready
             await c.writer.start_tls(_client_context(), server_hostname="mx.kithmail.test")
             out = [await c.cmd("MAIL FROM:<bob@remote.test>")]  # no EHLO yet inside TLS
             assert (await c.cmd("EHLO tls.client.example")).code == 250

@@ -208,6 +208,8 @@ class InboundSession(SMTP):
     # ------------------------------------------------------------ plumbing
 
     async def push(self, status: str) -> None:  # type: ignore[override]
+        if status == "220 Ready to start TLS":  # aiosmtpd's words, without RFC 3463's code
+            status = "220 2.0.0 Ready to start TLS"
         if self.gw.metrics is not None and status[:3].isdigit():
             self.gw.metrics.reply(self.command, int(status[:3]))
         await super().push(status)
