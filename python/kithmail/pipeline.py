@@ -29,6 +29,7 @@ from kithmail.layers import Action, Layer, SmtpReply, Verdict
 from kithmail.layers import recon as recon_layer
 from kithmail.layers.recon import SpfCheck
 from kithmail.layers.reputation import LEARNED_EVENTS, Reputation
+from kithmail.layers.spoofing.results import AuthResults
 from kithmail.metrics import Metrics
 from kithmail.spool import Outcome
 from kithmail.tenants import TenantPolicy
@@ -53,8 +54,10 @@ class MessageContext:
     helo: str
     mail_from: str
     recipients: tuple[str, ...]
-    header: tuple[bytes, ...]
+    header: tuple[bytes, ...]  # the header lines, our own fields already removed
     data: Sequence[bytes]  # the message as received, one line per item, CRLF kept
+    auth: AuthResults = field(default_factory=AuthResults)  # SPF from RCPT; layers add theirs
+    local_domains: frozenset[str] = frozenset()  # every local domain of the gateway, folded
 
 
 MessageLayer = Callable[[MessageContext], Awaitable[Verdict]]
