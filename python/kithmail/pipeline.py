@@ -58,9 +58,13 @@ class MessageContext:
     data: Sequence[bytes]  # the message as received, one line per item, CRLF kept
     auth: AuthResults = field(default_factory=AuthResults)  # SPF from RCPT; layers add theirs
     local_domains: frozenset[str] = frozenset()  # every local domain of the gateway, folded
+    trusted: bool = False  # from a trusted network: anti-spoofing does not judge it
 
 
 MessageLayer = Callable[[MessageContext], Awaitable[Verdict]]
+# SPF at RCPT: (the [spf] policy, the transaction's results, client IP, HELO,
+# MAIL FROM) -> the verdict; it records its results in the AuthResults.
+SpfLayer = Callable[[config.Spf, AuthResults, str, str, str], Awaitable[Verdict]]
 
 
 @dataclass(slots=True)
@@ -118,14 +122,20 @@ class Pipeline:
         spf: SpfCheck,
         *,
         metrics: Metrics | None = None,
+        spf_layer: SpfLayer | None = None,
         message_layers: Sequence[MessageLayer] = (),
+        trusted_message_layers: Sequence[MessageLayer] = (),
     ) -> None:
         self.settings = settings
         self.core = core
         self.resolver = resolver
         self.spf = spf
         self.metrics = metrics
+        self.spf_layer = spf_layer
+        # Layers 3 (anti-spoofing) judges mail from outside only; layer 4
+        # (anti-virus) judges everyone's: a virus from inside is a virus.
         self.message_layers = tuple(message_layers)
+        self.trusted_message_layers = tuple(trusted_message_layers)
         self.trusted = _net_list(settings.domains.trusted_networks)
         self.upstreams = _net_list(settings.server.trusted_upstreams)
         # One Reputation per distinct [reputation] section in force; today
@@ -199,10 +209,22 @@ class Pipeline:
         self._timed("reputation", t0)
         return out
 
+    async def rcpt_spf(
+        self, policy: TenantPolicy, auth: AuthResults, *, client_ip: str, helo: str, mail_from: str
+    ) -> Verdict | None:
+        """Layer 3's SPF, at the first RCPT layers 1 and 2 let through (once per transaction)."""
+        if self.spf_layer is None:
+            return None
+        t0 = time.perf_counter()
+        v = await self.spf_layer(policy.settings.spf, auth, client_ip, helo, mail_from)
+        self._timed("spf", t0)
+        return self._count(v)
+
     async def message(self, ctx: MessageContext) -> TransactionVerdict:
         """Layers 3 and 4 at end of DATA: one action for the whole transaction."""
         verdicts: list[Verdict] = []
-        for layer in self.message_layers:
+        layers = self.trusted_message_layers if ctx.trusted else self.message_layers
+        for layer in layers:
             t0 = time.perf_counter()
             v = self._count(await layer(ctx))
             self._timed(str(v.layer), t0)

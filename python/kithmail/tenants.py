@@ -48,6 +48,10 @@ class Policies:
         self._local = frozenset(d.lower() for d in settings.domains.local)
         self._tenant_of = tenant_of
 
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return self._local
+
     def is_local(self, domain: str) -> bool:
         return domain in self._local
 

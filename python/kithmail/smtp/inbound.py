@@ -47,6 +47,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from kithmail import CoreError, config
 from kithmail.layers import Action, Verdict
+from kithmail.layers.spoofing.results import AuthResults
 from kithmail.metrics import SmtpMetrics
 from kithmail.pipeline import MessageContext, Pipeline, rcpt_reply, unknown_recipient
 from kithmail.smtp import headers as hdr
@@ -157,6 +158,9 @@ class _Transaction:
     rcpts: list[_Rcpt] = field(default_factory=list)
     refused: list[tuple[str, str, str]] = field(default_factory=list)  # (address, reply, reason)
     started: float = field(default_factory=time.monotonic)
+    auth: AuthResults = field(default_factory=AuthResults)
+    spf: Verdict | None = None  # layer 3's SPF verdict, once per transaction
+    spf_done: bool = False
 
 
 def _kv(**fields: Any) -> str:
@@ -659,6 +663,22 @@ class InboundSession(SMTP):
         for v in verdicts:
             if v.acts and v.action in (Action.DEFER, Action.REJECT):
                 return str(rcpt_reply(v)), v.reason
+        # SPF (layer 3) at the first RCPT that layers 1 and 2 let through,
+        # never before them; once per transaction. Trusted networks are not
+        # judged by it.
+        if not self.trusted and not tx.spf_done:
+            tx.spf_done = True
+            tx.spf = await gw.pipeline.rcpt_spf(
+                policy,
+                tx.auth,
+                client_ip=self.ip,
+                helo=self.helo,
+                mail_from=tx.mail_from.address,
+            )
+        if tx.spf is not None:
+            if tx.spf.acts and tx.spf.action in (Action.DEFER, Action.REJECT):
+                return str(rcpt_reply(tx.spf)), tx.spf.reason
+            verdicts = [*verdicts, tx.spf]
         if gw.settings.domains.verify_recipients == "downstream" and gw.callahead is not None:
             answer = await gw.callahead(path.address)
             if answer == "unknown":
@@ -787,6 +807,9 @@ class InboundSession(SMTP):
             tuple(r.path.address for r in tx.rcpts),
             tuple(head),
             lines,
+            auth=tx.auth,
+            local_domains=gw.policies.local_domains,
+            trusted=self.trusted,
         )
         verdict = await gw.pipeline.message(ctx)
         reply = verdict.reply
@@ -822,7 +845,7 @@ class InboundSession(SMTP):
         protocol = ("UTF8SMTP" if tx.utf8 else "ESMTP") if self.esmtp else "SMTP"
         if tls and self.esmtp:
             protocol += "S"
-        ours = _tag_headers(tags)
+        ours = _auth_header(tx.auth, gw.settings.server.hostname) + _tag_headers(tags)
 
         def message(queue_id: str) -> list[bytes]:
             trace = hdr.received(
@@ -911,6 +934,20 @@ class InboundSession(SMTP):
                 ms=round((time.monotonic() - tx.started) * 1000, 1),
             ),
         )
+
+
+def _auth_header(auth: AuthResults, authserv_id: str) -> list[bytes]:
+    """Our one Authentication-Results field (RFC 8601), its folds checked."""
+    try:
+        value = auth.header(authserv_id)
+    except NotImplementedError:  # no anti-spoofing layer in this build
+        return []
+    parts = value.split("\r\n")
+    if any("\r" in p or "\n" in p for p in parts) or any(
+        p[:1] not in (" ", "\t") for p in parts[1:]
+    ):
+        raise ValueError("Authentication-Results value folds badly")
+    return [f"Authentication-Results: {value}\r\n".encode()]
 
 
 def _tag_headers(verdicts: list[Verdict]) -> list[bytes]:
