@@ -383,14 +383,41 @@ class Spoofing(_Section):
     own_domains: Action = "reject"
 
 
+def _clamd(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, str) and v.startswith("unix:"):
+        if not v[len("unix:") :].startswith("/"):
+            raise ValueError(f"invalid clamd {v!r}: want an absolute path, 'unix:/run/clamd.ctl'")
+        return v
+    try:
+        return _hostport_url(v, ("tcp",))
+    except ValueError:
+        raise ValueError(
+            f"invalid clamd {v!r} (want 'unix:/path/to/clamd.ctl' or 'tcp://127.0.0.1:3310')"
+        ) from None
+
+
 class Antivirus(_Section):
-    mode: Mode = "enforce"
-    clamd: str | None = Field(None, description="'unix:/path' or 'tcp://127.0.0.1:3310'")
-    on_virus: Action = "reject"
-    on_error: Action = "defer"
-    max_size: Size = 25 * 1024**2
-    on_oversize: Action = "accept"
-    timeout: Duration = 30.0
+    mode: Mode = Field("enforce", description="shadow: scan and record, never act")
+    clamd: Annotated[str | None, BeforeValidator(_clamd)] = Field(
+        None, description="'unix:/path' or 'tcp://127.0.0.1:3310'; unset: the layer is off"
+    )
+    on_virus: Action = Field("reject", description="clamd found a signature")
+    on_error: Action = Field(
+        "defer", description="clamd down, slower than timeout, or an answer not understood"
+    )
+    on_unscannable: Action | None = Field(
+        None,
+        description="An archive clamd could not fully scan (encrypted, over its limits); "
+        "unset: as on_virus",
+    )
+    max_size: Size = Field(
+        25 * 1024**2,
+        description="Larger messages are not sent to clamd; keep it below clamd's StreamMaxLength",
+    )
+    on_oversize: Action = Field("accept", description="A message over max_size")
+    timeout: Duration = Field(30.0, description="Deadline of one scan, connect to verdict")
 
 
 class Community(_Section):
