@@ -26,11 +26,14 @@ from dataclasses import dataclass
 
 from kithmail import Core, InvalidInputError, config
 from kithmail._core import normalize_address
-from kithmail.layers import Action, Layer, SmtpReply, Verdict
+from kithmail.layers import Action, Verdict
 from kithmail.layers import recon as recon_layer
 from kithmail.layers.recon import SpfCheck
 from kithmail.layers.reputation import Reputation
+from kithmail.layers.spoofing import spf as spf_layer
+from kithmail.layers.spoofing.results import AuthResults
 from kithmail.metrics import Metrics
+from kithmail.spf import SpfChecker
 
 __all__ = ["Limits", "PolicyService"]
 
@@ -77,6 +80,14 @@ class PolicyService:
         self.core = core
         self.reputation = reputation
         self.spf = spf
+        # Layer 3's SPF needs the full checker (both identities, the domain
+        # evaluated); a plain SpfCheck (tests give Recon a stand-in) gets one
+        # built from [dns], so SPF queries still go to kithmail's nameservers.
+        self._spf_checker = (
+            spf
+            if isinstance(spf, SpfChecker)
+            else SpfChecker(settings.dns.nameservers, settings.dns.timeout)
+        )
         self.clock = clock
         self.limits = limits or Limits()
         self.metrics = metrics
@@ -143,7 +154,7 @@ class PolicyService:
             return self._log(attrs, rep, _action(rep))
 
         if self.settings.policy.spf:
-            sv, header = await self._spf(ip, sender, attrs.get("helo_name", ""), instance)
+            sv, header = await self._spf(ip, sender, attrs.get("helo_name", ""))
             if sv.acts:
                 return self._log(attrs, sv, _action(sv))
             if header:
@@ -152,24 +163,22 @@ class PolicyService:
             return self._log(attrs, rv, self._prepend(instance, "X-Kithmail-Recon", "passed"))
         return self._log(attrs, rv, DUNNO)
 
-    async def _spf(self, ip: str, sender: str, helo: str, instance: str) -> tuple[Verdict, str]:
-        """SPF for the MAIL FROM identity, as `[spf]` says to act on it.
+    async def _spf(self, ip: str, sender: str, helo: str) -> tuple[Verdict, str]:
+        """Layer 3's SPF check (MAIL FROM, and HELO), as `[spf]` says to act on it.
 
         Returns the verdict and a Received-SPF value (RFC 7208 §9.1) to
         prepend; the client's strings go into it only when they are plain
         (no quotes, spaces or control characters), never as given.
         """
-        answer = await self.spf(ip, sender)
-        res = answer.result
-        action = Action(self.settings.spf.action_for(res))
-        reply = None
-        if action is Action.REJECT:
-            reply = SmtpReply(550, "5.7.23", f"SPF {res}: this server may not send for the sender")
-        elif action is Action.DEFER:
-            reply = SmtpReply(451, "4.7.24", f"SPF {res}: try again later")
-        v = Verdict(Layer.SPOOFING, action, f"spf.{res}", reply=reply)
-        if self.settings.spf.mode == "shadow" and v.acts:
-            v = v.in_shadow()
+        v = await spf_layer.check(
+            self._spf_checker,
+            self.settings.spf,
+            AuthResults(),
+            client_ip=ip,
+            helo=helo,
+            mail_from=sender,
+        )
+        res = v.reason.removeprefix("spf.")
         parts = [f"{res} (kithmail) client-ip={ip};"]
         if sender and _plain(sender):
             parts.append(f'envelope-from="{sender}";')
