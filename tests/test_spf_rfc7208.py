@@ -5,8 +5,9 @@ ships with pyspf's sources) is checked by `SpfChecker` — kithmail's
 resolver path, pyspf's evaluation — against the zone data of its scenario,
 served by Debian's Knot DNS on loopback (tests/spf_suite.py says how the
 suite's conventions become zone files). A case passes when the result is
-one the suite allows, and, for a `fail` whose explanation the suite names,
-when the explanation is that text.
+the one the suite prefers (or, where it allows several and says live DNS
+may give another, the one listed in SECOND_CHOICE), and, for a `fail`
+whose explanation the suite names, when the explanation is that text.
 
 A case that cannot pass here is in EXPECTED, with what it gets instead and
 why; those cases are asserted to behave exactly as listed, so the table
@@ -34,8 +35,24 @@ HEADER_END = b"# ---- the suite as distributed follows ----\n#\n"
 SCENARIOS = load(SUITE_FILE)
 CASES = [c for s in SCENARIOS for c in s.cases]
 
-# id -> (the result kithmail gets, why it differs from the suite)
+# id -> (the result kithmail gets, why it differs from the suite). Empty: every
+# case passes, TIMEOUT ones included (tests/spf_suite.py serves them as SERVFAIL).
 EXPECTED: dict[str, tuple[str, str]] = {}
+
+# Cases where the suite allows more than one result and live DNS gives its
+# second choice, as the suite itself says it may; every other case gets the
+# suite's first (preferred) result.
+SECOND_CHOICE: dict[str, tuple[str, str]] = {
+    "multispf1": (
+        "fail",
+        "two identical TXT records are one RRset to a real server: Knot serves one",
+    ),
+    "ptr-limit": (
+        "pass",
+        "which 10 of the PTR names are looked at depends on their order, which live DNS "
+        "does not keep",
+    ),
+}
 
 # The default explanation of a fail, as the suite's `explanation: DEFAULT` means it.
 DEFAULT_EXPLANATION = pyspf.EXPLANATIONS["fail"]
@@ -49,9 +66,9 @@ def test_the_vendored_suite_is_the_published_one() -> None:
     assert len(SCENARIOS) == 16 and len(CASES) == 203
 
 
-def test_the_exception_table_names_real_cases() -> None:
+def test_the_exception_tables_name_real_cases() -> None:
     ids = {c.id for c in CASES}
-    assert set(EXPECTED) <= ids
+    assert set(EXPECTED) <= ids and set(SECOND_CHOICE) <= ids
     assert len(ids) == len(CASES), "case ids are unique across scenarios"
 
 
@@ -78,6 +95,10 @@ def test_rfc7208_case(server_for: Callable[[int], str], case: Case) -> None:
         assert got.result not in case.results
         return
     assert got.result in case.results, f"{case.spec}: {got}"
+    if case.id in SECOND_CHOICE:
+        assert got.result == SECOND_CHOICE[case.id][0] != case.results[0]
+    else:
+        assert got.result == case.results[0], f"{case.spec}: {got}"
     if case.explanation is not None and got.result == "fail":
         want = DEFAULT_EXPLANATION if case.explanation == "DEFAULT" else case.explanation
         assert got.explanation == want
