@@ -290,3 +290,19 @@ def test_the_pipeline_shape_calls_the_same_check(dns: Dnsmasq) -> None:
     v = asyncio.run(layer(policy(), auth, OTHER, "helo.example.test", "a@pass.example.test"))
     assert (v.reason, v.action) == ("spf.fail", Action.REJECT)
     assert auth.spf_mailfrom is not None and auth.spf_helo is not None
+
+
+def test_both_identities_reach_the_authentication_results_header(dns: Dnsmasq) -> None:
+    checker = SpfChecker([dns.address], timeout=2.0)
+    _, auth = run(checker, "a@fail.example.test", ip=OTHER, helo="helo.example.test")
+    assert auth.header("mx.kithmail.test") == (
+        "mx.kithmail.test;"
+        '\r\n\tspf=fail reason="matched -all" smtp.mailfrom=fail.example.test;'
+        '\r\n\tspf=fail reason="matched -all" smtp.helo=helo.example.test'
+    )
+    _, auth = run(checker, "", helo="helo.example.test")
+    assert auth.header("mx.kithmail.test") == (
+        'mx.kithmail.test;\r\n\tspf=pass reason="matched ip4:192.0.2.0/24" '
+        "smtp.helo=helo.example.test"
+    )
+    assert auth.summary() == "spf=pass dkim=none"
