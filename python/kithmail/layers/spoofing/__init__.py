@@ -17,8 +17,8 @@ runs the rest and returns one `Verdict` for the transaction:
   (`dmarc.arc_override`). No From field, several From fields, or From
   addresses of several domains leave no author domain (RFC 7489 §6.6.1):
   rejected as `dmarc.bad_from`. A DNS failure looking up the policy is
-  `temperror`, deferred (451 4.4.3) only when nothing aligned passed —
-  an aligned pass needs no policy to be trusted;
+  `temperror`, recorded and not acted on (SPF's `temperror`, at RCPT, is
+  where a broken DNS is acted on);
 - our own domains (`own.py`): mail from outside the trusted networks whose
   header From or envelope sender is a local domain, and which neither SPF
   nor an aligned DKIM pass authenticates, takes `[spoofing] own_domains`
@@ -102,6 +102,10 @@ class Spoofing:
             dkim.verify(data, self.resolver, max_signatures=settings.dkim.max_signatures),
             arc.verify(data, self.resolver, max_sets=settings.arc.max_sets),
         )
+        if not auth.dkim:
+            # Checked and found none: say so (RFC 8601 §2.7.1 dkim=none),
+            # which an empty list (not checked) would not.
+            auth.dkim = [DkimResult("none", "")]
         auth.arc = chain
         fields = dmarc.header_fields(ctx.header)
         who = dmarc.author(ctx.header)
@@ -177,12 +181,10 @@ class Spoofing:
             via = [w for w, ok in (("SPF", res.spf_aligned), ("DKIM", res.dkim_aligned)) if ok]
             detail = f"DMARC pass for {domain} through aligned {' and '.join(via)}"
         elif res.result == "temperror":
+            # Recorded, not acted on: a DNS failure says nothing about the
+            # message, and one broken enough to matter has already made
+            # SPF temperror at RCPT, which [spf] temperror acts on.
             detail = f"DMARC policy of {domain} unknown: {res.reason}"
-            if not (res.spf_aligned or res.dkim_aligned):
-                action = Action.DEFER
-                reply = SmtpReply(
-                    451, "4.4.3", "Could not look up the sender's DMARC policy; try again later"
-                )
         elif res.result == "fail":
             disposition = ev.disposition or "none"
             detail = f"DMARC fail for {domain} (p={res.policy}): {res.reason}"
@@ -215,8 +217,11 @@ class Spoofing:
             detail = f"DMARC {res.result} for {domain}: {res.reason}"
         auth.dmarc = res
         if not cfg.enforce and action is not Action.ACCEPT:
+            # Evaluated and recorded, never acted on: the reason names the
+            # result, not a disposition that did not happen.
             detail += f"; not enforced ([dmarc] enforce = false), would {action}"
             action, reply = Action.ACCEPT, None
+            reason = f"dmarc.{res.result}"
         v = Verdict(Layer.SPOOFING, action, reason, detail, reply)
         return v.in_shadow() if cfg.mode == "shadow" and v.action is not Action.ACCEPT else v
 
