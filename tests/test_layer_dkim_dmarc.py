@@ -609,3 +609,72 @@ def test_header_units() -> None:
 def test_summary_is_one_printable_line() -> None:
     auth = AuthResults(dkim=[DkimResult("fail", "a\r\nb.test")])
     assert auth.summary() == "spf=none dkim=fail:a??b.test"
+
+
+# ---------------------------------------------------------------- units: From, records, PSL
+
+
+@pytest.mark.parametrize(
+    ("field", "addresses", "problem"),
+    [
+        ("Ann <ann@Bank.TEST>", [("ann", "bank.test")], ""),
+        ('"paypal.com" <x@evil.test>', [("x", "evil.test")], ""),
+        ('"x@paypal.com, y@bank.test" <x@evil.test>', [("x", "evil.test")], ""),
+        ("x@evil.test (ceo@bank.test)", [("x", "evil.test")], ""),
+        ('"a@b"@evil.test', [('"a@b"', "evil.test")], ""),
+        ("Staff: ann@bank.test, bo@bank.test;", [("ann", "bank.test"), ("bo", "bank.test")], ""),
+        ("ann@bücher.test", [("ann", "xn--bcher-kva.test")], ""),
+        ("<@relay.test:ann@bank.test>", [("ann", "bank.test")], ""),
+        ('"unterminated <x@evil.test>', [], "the From field does not parse"),
+        ("x@evil.test (open comment", [], "the From field does not parse"),
+        ("<x@evil.test", [], "the From field does not parse"),
+        ("x@[192.0.2.1]", [], "a From address without a valid domain"),
+        ("x@bank.test;evil.test", [("x", "bank.test")], "a From address without a valid domain"),
+        ("nobody", [], "a From address without a valid domain"),
+    ],
+)
+def test_from_parser(field: str, addresses: list[tuple[str, str]], problem: str) -> None:
+    a = dmarc_mod.author([f"From: {field}\r\n".encode()])
+    assert a.problem == problem
+    if not problem:
+        assert list(a.addresses) == addresses
+
+
+def test_a_folded_from_field_is_unfolded() -> None:
+    a = dmarc_mod.author([b"Subject: x\r\n", b"From: Ann\r\n", b" <ann@bank.test>\r\n"])
+    assert (a.address, a.domain) == ("ann@bank.test", "bank.test")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("v=DMARC1; p=reject", dmarc_mod.Record("reject")),
+        (
+            "v=DMARC1;p=quarantine;sp=none;pct=20;adkim=s;aspf=s;rua=mailto:a@b.test;",
+            dmarc_mod.Record("quarantine", "none", 20, "s", "s"),
+        ),
+        ("v=DMARC1; p=REJECT; pct=500; sp=bogus; adkim=x", dmarc_mod.Record("reject", None, 100)),
+        ("v=DMARC1; p=bogus; rua=mailto:d@bank.test", dmarc_mod.Record("none")),
+        ("v=DMARC1; p=bogus", "no valid p= in the DMARC record"),
+        ("p=reject; v=DMARC1", "the DMARC record does not begin with v=DMARC1"),
+        ("v=DMARC1; p=reject; p=none", "the tag p= twice in the DMARC record"),
+        ("v=DMARC1; ; p=reject", "an empty tag in the DMARC record"),
+        ("v=DMARC1; p reject", "a malformed tag in the DMARC record"),
+    ],
+)
+def test_dmarc_record_parser(text: str, expected: dmarc_mod.Record | str) -> None:
+    assert dmarc_mod.parse_record(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("domain", "org"),
+    [
+        ("mail.bank.test", "bank.test"),
+        ("a.b.example.co.uk", "example.co.uk"),
+        ("co.uk", "co.uk"),
+        ("someone.github.io", "someone.github.io"),  # a private-section suffix
+        ("Deep.Sub.Example.COM.", "example.com"),
+    ],
+)
+def test_organisational_domain_from_the_shipped_list(domain: str, org: str) -> None:
+    assert dmarc_mod.org_domain(domain, dmarc_mod.default_psl()) == org

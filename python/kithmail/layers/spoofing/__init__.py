@@ -190,7 +190,7 @@ class Spoofing:
             detail = f"DMARC fail for {domain} (p={res.policy}): {res.reason}"
             if trusted_arc and auth.arc is not None:
                 sealer = auth.arc.sealer
-                auth.dmarc = dmarc._with_reason(
+                auth.dmarc = dmarc.with_reason(
                     res, f"{res.reason}; overridden: ARC pass sealed by trusted {sealer}"
                 )
                 return Verdict(

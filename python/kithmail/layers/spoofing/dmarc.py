@@ -51,6 +51,7 @@ __all__ = [
     "org_domain",
     "parse_record",
     "sample_bucket",
+    "with_reason",
 ]
 
 Policy = Literal["none", "quarantine", "reject"]
@@ -402,11 +403,11 @@ async def evaluate(
     if sampled_out:
         applied = _WEAKER[policy]
         reason = f"pct={record.pct}: not sampled, {policy} applied as {applied}"
-        return Evaluation(_with_reason(res, reason), applied, sampled_out=True)
+        return Evaluation(with_reason(res, reason), applied, sampled_out=True)
     return Evaluation(res, policy)
 
 
-def _with_reason(r: DmarcResult, reason: str) -> DmarcResult:
+def with_reason(r: DmarcResult, reason: str) -> DmarcResult:
     return DmarcResult(
         r.result, r.from_domain, r.org_domain, r.policy, r.spf_aligned, r.dkim_aligned, reason
     )
