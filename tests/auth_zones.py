@@ -4,7 +4,8 @@ Keys are made once per test process with `cryptography` (RSA 2048 for the
 signers, 1024 for an old one) and published as DKIM key records; messages
 are signed and ARC-sealed with dkimpy, exactly as a sending server would.
 The zone `slow.test` is forwarded by dnsmasq to a socket that never
-answers, so every name in it times out while the rest of the zones answer.
+answers, so every name in it times out while the rest of the zones answer;
+so is `_domainkey.keyslow.test`, whose DMARC record answers.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ ZONES = (
     "example.test",
     "corp.test",
     "nodmarc.test",
+    "keyslow.test",
 )
 SLOW = "slow.test"  # forwarded to the silent server: every lookup times out
+# Only the keys of keyslow.test time out; its DMARC record answers.
+SLOW_KEYS = "_domainkey.keyslow.test"
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def records() -> list[tuple[str, str | Sequence[str]]]:
         ("_dmarc.half.test", "v=DMARC1; p=reject; pct=50"),
         ("_dmarc.broken.test", "v=DMARC1; p=bogus"),
         ("_dmarc.corp.test", "v=DMARC1; p=none"),
+        ("_dmarc.keyslow.test", "v=DMARC1; p=reject"),
         ("_dmarc.evil.test", "v=spf1 -all"),  # not a DMARC record: ignored
     ]
 
@@ -109,6 +114,7 @@ def auth_dns(tmp_path: Path, silent: SilentServer) -> Iterator[Dnsmasq]:
         log = tmp_path / f"auth-dnsmasq-{attempt}.log"
         args = _args(port, log, ZONES, (), (), records(), ())
         args.append(f"--server=/{SLOW}/127.0.0.1#{silent_port}")
+        args.append(f"--server=/{SLOW_KEYS}/127.0.0.1#{silent_port}")
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )

@@ -305,6 +305,20 @@ def test_a_dmarc_lookup_timeout_is_temperror_recorded_not_acted_on(zones: Dnsmas
     assert "dmarc=temperror" in auth.header("mx.example.test")
 
 
+def test_an_aligned_key_timeout_under_a_strict_policy_defers(zones: Dnsmasq) -> None:
+    """The signature might have passed: neither refuse nor accept it unverified."""
+    msg = sign(message(from_="x@keyslow.test"), "keyslow.test", signer="bank")
+    v, auth = check(zones, msg)
+    assert dkim_of(auth) == [("temperror", "keyslow.test", "k1", "key lookup timed out")]
+    assert auth.dmarc is not None
+    assert (auth.dmarc.result, auth.dmarc.policy) == ("temperror", "reject")
+    assert (v.action, v.reason, v.reply) == (
+        Action.DEFER,
+        "dmarc.temperror",
+        SmtpReply(451, "4.4.3", "Could not verify the sender's DKIM signature; try again later"),
+    )
+
+
 def test_a_bad_record_is_permerror_and_no_record_is_none(zones: Dnsmasq) -> None:
     v, auth = check(zones, message(from_="x@broken.test"))
     assert auth.dmarc is not None

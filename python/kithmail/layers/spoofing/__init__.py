@@ -18,7 +18,9 @@ runs the rest and returns one `Verdict` for the transaction:
   addresses of several domains leave no author domain (RFC 7489 §6.6.1):
   rejected as `dmarc.bad_from`. A DNS failure looking up the policy is
   `temperror`, recorded and not acted on (SPF's `temperror`, at RCPT, is
-  where a broken DNS is acted on);
+  where a broken DNS is acted on); but when the policy is reject or
+  quarantine and the key lookup of an aligned DKIM signature timed out,
+  the message is deferred (451 4.4.3): it may well have passed;
 - our own domains (`own.py`): mail from outside the trusted networks whose
   header From or envelope sender is a local domain, and which neither SPF
   nor an aligned DKIM pass authenticates, takes `[spoofing] own_domains`
@@ -184,7 +186,15 @@ class Spoofing:
             # Recorded, not acted on: a DNS failure says nothing about the
             # message, and one broken enough to matter has already made
             # SPF temperror at RCPT, which [spf] temperror acts on.
-            detail = f"DMARC policy of {domain} unknown: {res.reason}"
+            detail = f"DMARC result of {domain} unknown: {res.reason}"
+            if ev.disposition in ("reject", "quarantine"):
+                # The policy is known and strict, and an aligned signature
+                # could not be checked: the sender retries; neither refused
+                # nor let through unverified.
+                action = Action.DEFER
+                reply = SmtpReply(
+                    451, "4.4.3", "Could not verify the sender's DKIM signature; try again later"
+                )
         elif res.result == "fail":
             disposition = ev.disposition or "none"
             detail = f"DMARC fail for {domain} (p={res.policy}): {res.reason}"

@@ -350,6 +350,7 @@ class Evaluation:
 
     result: DmarcResult
     disposition: Policy | None  # what the policy asks for this message (None: no policy)
+    # (for a temperror: what a fail would have met, None when the policy is unknown)
     sampled_out: bool = False
 
 
@@ -399,6 +400,14 @@ async def evaluate(
     )
     if res.result == "pass":
         return Evaluation(res, "none")
+    if any(
+        d.result == "temperror" and aligned(d.domain, from_domain, record.adkim, psl) for d in dkim
+    ):
+        # An aligned signature we could not check might have passed: the
+        # result is unknown, not fail, and the disposition is what a fail
+        # would have met (the caller defers rather than refuse or accept).
+        reason = "the key lookup of an aligned DKIM signature timed out or failed"
+        return Evaluation(DmarcResult("temperror", from_domain, org, policy, reason=reason), policy)
     sampled_out = record.pct < 100 and sample_bucket(sample_key) >= record.pct
     if sampled_out:
         applied = _WEAKER[policy]
