@@ -275,6 +275,9 @@ async def _run_gateway(
     reuse_port: bool,
 ) -> None:
     from kithmail import db as dbmod
+    from kithmail.layers.antivirus import Antivirus
+    from kithmail.layers.spoofing import Spoofing
+    from kithmail.layers.spoofing.spf import for_pipeline as spf_layer
     from kithmail.metrics import SmtpMetrics
     from kithmail.pipeline import Pipeline
     from kithmail.queue import Queue
@@ -292,7 +295,18 @@ async def _run_gateway(
     resolver = Resolver.from_settings(settings.dns)
     spf = SpfChecker(settings.dns.nameservers, settings.dns.timeout)
     metrics = Metrics("smtp")
-    pipeline = Pipeline(settings, core, resolver, spf, metrics=metrics)
+    antivirus = Antivirus()
+    spoofing = Spoofing(resolver)
+    pipeline = Pipeline(
+        settings,
+        core,
+        resolver,
+        spf,
+        metrics=metrics,
+        spf_layer=spf_layer(spf),
+        message_layers=[spoofing.message, antivirus],
+        trusted_message_layers=[antivirus],
+    )
     spool = Spool(data_dir / "spool", reserve_bytes=settings.server.spool_reserve)
     queue = Queue(spool, settings, resolver=resolver, clock=clock) if index == 0 else None
     callahead = None
