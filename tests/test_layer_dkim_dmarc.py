@@ -469,6 +469,17 @@ def test_an_own_envelope_sender_must_authenticate_too(zones: Dnsmasq) -> None:
     assert "envelope sender example.test" in v.detail
 
 
+def test_own_domain_in_shadow_mode_is_recorded_not_enforced(zones: Dnsmasq) -> None:
+    msg = message(from_="CEO <ceo@example.test>")
+    v, _ = check(zones, msg, mail_from="x@evil.test", spoofing={"mode": "shadow"})
+    assert (v.action, v.reason, v.shadow, v.acts) == (
+        Action.REJECT,
+        "spoofing.own_domain",
+        True,
+        False,
+    )
+
+
 def test_a_subdomain_of_ours_is_ours(zones: Dnsmasq) -> None:
     v, _ = check(zones, message(from_="it@branch.example.test"))
     assert v.reason == "spoofing.own_domain"

@@ -380,7 +380,10 @@ class Arc(_Section):
 
 
 class Spoofing(_Section):
-    own_domains: Action = "reject"
+    mode: Mode = "enforce"
+    own_domains: Action = Field(
+        "reject", description="Mail from outside claiming a local domain, unauthenticated"
+    )
 
 
 def _clamd(v: Any) -> str | None:

@@ -298,7 +298,7 @@ class Spoofing:
             "and neither SPF nor an aligned DKIM signature authenticates it"
             for x in claims
         )
-        return Verdict(
+        v = Verdict(
             Layer.SPOOFING,
             action,
             "spoofing.own_domain",
@@ -313,6 +313,7 @@ class Spoofing:
                 ),
             ),
         )
+        return v.in_shadow() if settings.spoofing.mode == "shadow" and v.acts else v
 
 
 def _most_severe(verdicts: list[Verdict]) -> Verdict:
