@@ -19,7 +19,12 @@ def add_commands(
     """Add every gateway command group (users, tenants, queue, serve)."""
     import importlib
 
-    for name in ("kithmail.cli_users", "kithmail.cli_queue", "kithmail.cli_serve"):
+    for name in (
+        "kithmail.cli_users",
+        "kithmail.cli_queue",
+        "kithmail.cli_serve",
+        "kithmail.cli_dkim",
+    ):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

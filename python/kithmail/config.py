@@ -367,6 +367,12 @@ class Dkim(_Section):
     mode: Mode = "enforce"
     fail: Action = "quarantine"
     max_signatures: int = Field(5, ge=1, le=50)
+    selector: str = Field(
+        "kithmail",
+        pattern=r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$",
+        description="Selector of the keys that sign our own mail (challenges, digests, DSNs); "
+        "`kith dkim keygen DOMAIN` makes one",
+    )
 
 
 class Dmarc(_Section):
@@ -431,6 +437,14 @@ class Community(_Section):
     challenge_rate_per_domain: int = Field(20, ge=0)
     challenge_rate_global: int = Field(1000, ge=0)
     quarantine_quota: Size = 500 * 1024**2
+    token_ttl: Duration = Field(
+        7 * 86400.0, description="How long a SAV challenge can be answered (reply or page)"
+    )
+    challenge_from: str = Field(
+        "postmaster",
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        description="Local part of the From address of challenges, at the recipient's domain",
+    )
 
 
 class Policy(_Section):
