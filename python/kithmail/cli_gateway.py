@@ -22,6 +22,7 @@ def add_commands(
     for name in (
         "kithmail.cli_users",
         "kithmail.cli_queue",
+        "kithmail.cli_quarantine",
         "kithmail.cli_serve",
         "kithmail.cli_dkim",
     ):
