@@ -597,7 +597,11 @@ class Quarantine:
         """One held copy in full; `user` set: only if it is that user's."""
         with self._locked(queue_id):
             held, msg, r = self._current(queue_id, rcpt_index, user)
-        head = b"".join(_header_lines(msg)).decode("utf-8", "replace")
+        try:
+            head = b"".join(_header_lines(msg)).decode("utf-8", "replace")
+        except MessageNotFoundError:
+            # Released and delivered, or deleted, since the lock was let go.
+            raise NotHeldError(f"{queue_id}/{rcpt_index}: not held any more") from None
         env = msg.envelope
         return Shown(
             held,
