@@ -1,0 +1,322 @@
+"""The public pages: what the outside world reaches on ``[server] listeners.public``.
+
+Today one page: ``/sav/<token>``, where a challenged sender confirms a
+held message with one click. ``GET`` shows the held message's sender and
+subject and one button, and changes nothing (link scanners and previews
+follow links with GET); only ``POST`` confirms, with the same effect as a
+reply (`Sav.confirm`, then the caller's ``on_verified``). A token that is
+not one, is forged or unknown gets a polite 404; an expired or spent one a
+410. `serve_public` runs the app with uvicorn inside the current event
+loop, on sockets of its own.
+
+Why a POST cannot be forged across sites: there is no ambient authority to
+ride — no cookie, no session, no login; the capability is the token in the
+path, a 128-bit MAC that only the challenged mailbox was sent. On top of
+that (a browser that was tricked into posting must still be refused): the
+POST must carry the form field ``form``, an HMAC of the token under the
+gateway's key that only a rendered page contains (so a blind POST to a
+link fails), an ``Origin`` (or, without one, a ``Referer``) that is
+``[server] public_url``'s, and no ``Sec-Fetch-Site: cross-site``.
+
+Trusts nothing of a request: the token is checked by `Sav.check`, the body
+is read up to 4 KiB, and everything shown (sender, subject) is HTML-escaped
+and cut short. Every answer carries a Content-Security-Policy that allows
+no script, no external resource and no framing, ``X-Frame-Options: DENY``,
+``Cache-Control: no-store`` and ``Referrer-Policy: no-referrer`` (the URL
+holds the token).
+
+Standards: RFC 9110 (HTTP semantics: safe GET, 404/410), RFC 6454
+(Origin), W3C CSP Level 3, Fetch Metadata (Sec-Fetch-Site), RFC 3834
+(why a page, not only a reply: autoresponders must not confirm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import html
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
+from urllib.parse import parse_qs, urlsplit
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kithmail import config
+from kithmail.db import Database
+from kithmail.sav import OnVerified, Sav, TokenData
+from kithmail.sav.message import MAX_SUBJECT, clean_text
+
+__all__ = ["SECURITY_HEADERS", "bind", "make_app", "serve_public"]
+
+log = logging.getLogger("kithmail.public")
+
+MAX_BODY: Final = 4096
+SECURITY_HEADERS: Final = (
+    (
+        b"content-security-policy",
+        b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+        b"frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+_CSS = """
+body { font-family: system-ui, sans-serif; background: #f4f4f2; color: #222; margin: 0; }
+main { max-width: 34em; margin: 4em auto; background: #fff; padding: 2em 2.5em;
+       border-radius: 6px; box-shadow: 0 1px 3px rgba(0,0,0,.12); line-height: 1.5; }
+h1 { font-size: 1.4em; margin-top: 0; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .3em 1em; }
+dt { color: #666; } dd { margin: 0; overflow-wrap: anywhere; }
+button { font-size: 1.05em; padding: .6em 1.4em; background: #2a5db0; color: #fff;
+         border: 0; border-radius: 4px; cursor: pointer; }
+"""
+
+_WHY = {
+    "sav.token_expired": (
+        410,
+        "This link has expired",
+        "The time to confirm this message has passed. The recipient can still "
+        "release it from their quarantine.",
+    ),
+    "sav.token_used": (
+        410,
+        "Already confirmed",
+        "This message was confirmed already. Thank you; nothing more is needed.",
+    ),
+}
+_NOT_FOUND = (
+    404,
+    "Link not found",
+    "This confirmation link is not valid. Please check that it was copied whole.",
+)
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    e = html.escape
+    doc = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{e(title)}</title><style>{_CSS}</style></head>\n"
+        f"<body><main><h1>{e(title)}</h1>\n{body}</main></body></html>\n"
+    )
+    return HTMLResponse(doc, status_code=status)
+
+
+def _refusal(reason: str) -> HTMLResponse:
+    status, title, text = _WHY.get(reason, _NOT_FOUND)
+    return _page(title, f"<p>{html.escape(text)}</p>", status)
+
+
+class _SecurityHeaders:
+    """ASGI middleware: the security headers on every response, errors included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in SECURITY_HEADERS}
+                headers = [(n, v) for n, v in message.get("headers", []) if n not in names]
+                message["headers"] = [*headers, *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _origin(url: str) -> str:
+    u = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(u.scheme)
+    port = f":{u.port}" if u.port is not None and u.port != default else ""
+    return f"{u.scheme}://{(u.hostname or '').lower()}{port}"
+
+
+def make_app(
+    settings: config.Settings,
+    db: Database,
+    on_verified: OnVerified | None,
+    *,
+    sav: Sav | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The public pages' ASGI app.
+
+    ``on_verified(tenant, user, sender)`` is awaited once per confirmed
+    challenge (add the sender to the user's community, release their held
+    mail); ``sav`` defaults to one made from ``settings`` and ``db``.
+    """
+    s = sav if sav is not None else Sav(db, settings, clock=clock)
+    allowed = _origin(settings.server.public_url)
+    base = settings.server.public_url.rstrip("/")
+
+    def describe(data: TokenData) -> str:
+        subject = clean_text(s.held_subject(data), MAX_SUBJECT) or "(subject not known)"
+        e = html.escape
+        return (
+            "<dl>"
+            f"<dt>From</dt><dd>{e(data.sender)}</dd>"
+            f"<dt>To</dt><dd>{e(data.user)}</dd>"
+            f"<dt>Subject</dt><dd>{e(subject)}</dd>"
+            "</dl>"
+        )
+
+    async def show(request: Request) -> Response:
+        token = str(request.path_params["token"])
+        got = await asyncio.to_thread(s.check, token)
+        if isinstance(got, str):
+            log.info("public page: GET of a refused token: %s", got)
+            return _refusal(got)
+        tag = s.page_tag(token)
+        body = (
+            "<p>A message from you is held until you confirm that you sent it:</p>"
+            f"{describe(got)}"
+            f'<form method="post" action="{html.escape(base)}/sav/{html.escape(token)}">'
+            f'<input type="hidden" name="form" value="{tag}">'
+            '<button type="submit">Yes, I sent this message</button></form>'
+            "<p>If you did not send it, just close this page: nothing happens.</p>"
+        )
+        return _page("Please confirm your message", body)
+
+    def cross_site(request: Request) -> bool:
+        if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return True
+        origin = request.headers.get("origin")
+        if origin is not None:
+            return origin.strip().lower() in ("null", "") or _origin(origin.strip()) != allowed
+        referer = request.headers.get("referer")
+        if referer is not None:
+            return _origin(referer) != allowed
+        return False  # neither: not a browser's cross-site form; the token and tag still rule
+
+    async def confirm(request: Request) -> Response:
+        token = str(request.path_params["token"])
+        if cross_site(request):
+            log.warning(
+                "public page: cross-site POST refused (origin %r)", request.headers.get("origin")
+            )
+            return _page("Not allowed", "<p>This form must be sent from its own page.</p>", 403)
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            return _page("Bad request", "<p>Please use the button on the page.</p>", 400)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return _page("Bad request", "<p>That request is too large.</p>", 413)
+        fields = parse_qs(body.decode("ascii", "replace"), max_num_fields=8)
+        got = await asyncio.to_thread(s.check, token)
+        if isinstance(got, str):
+            log.warning("public page: POST of a refused token: %s", got)
+            return _refusal(got)
+        sent_tag = (fields.get("form") or [""])[0]
+        if not hmac.compare_digest(sent_tag.encode(), s.page_tag(token).encode()):
+            log.warning("public page: POST without the page's form tag refused")
+            return _page("Bad request", "<p>Please use the button on the page.</p>", 400)
+        if not await s.confirm(got, on_verified, via="page"):
+            return _refusal("sav.token_used")
+        body_html = (
+            "<p>Thank you. Your message to "
+            f"<strong>{html.escape(got.user)}</strong> is released, and your next "
+            "messages to them will be delivered at once.</p>"
+        )
+        return _page("Confirmed", body_html)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        if status == 405:
+            return _page("Not allowed", "<p>That method is not allowed here.</p>", 405)
+        return _refusal("")
+
+    app = Starlette(
+        routes=[
+            Route("/sav/{token}", show, methods=["GET", "HEAD"]),
+            Route("/sav/{token}", confirm, methods=["POST"]),
+        ],
+        exception_handlers={404: not_found, 405: not_found},
+    )
+    app.add_middleware(_SecurityHeaders)
+    return app
+
+
+def bind(listeners: Sequence[str]) -> list[socket.socket]:
+    """Listening TCP sockets for "IP:PORT" / "[IPv6]:PORT" strings (port 0: any free one)."""
+    out: list[socket.socket] = []
+    try:
+        for listener in listeners:
+            host, _, port = listener.strip().rpartition(":")
+            host = host.strip("[]")
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, int(port)))
+            sock.listen(128)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The gateway owns SIGTERM/SIGINT; uvicorn would replace its handlers.
+        yield
+
+
+async def serve_public(
+    app: ASGIApp, listeners: Sequence[str], *, sockets: Sequence[socket.socket] | None = None
+) -> None:
+    """Serve ``app`` on ``listeners`` (``[server] listeners.public``) until cancelled.
+
+    Runs in the current event loop; ``sockets`` (already listening, from
+    `bind`) replace ``listeners`` when given. On cancellation the server
+    stops accepting, finishes what is in flight, closes the sockets and the
+    cancellation goes on.
+    """
+    socks = list(sockets) if sockets is not None else bind(listeners)
+    cfg = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        http="h11",
+        ws="none",
+        timeout_keep_alive=5,
+    )
+    server = _Server(cfg)
+    task = asyncio.ensure_future(server.serve(sockets=socks))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise
+    finally:
+        for sock in socks:
+            sock.close()
