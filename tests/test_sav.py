@@ -677,3 +677,31 @@ def test_a_failed_spool_leaves_no_row_behind(env: Env, tmp_path: Path) -> None:
         )
     assert rows(env.db) == []
     assert asyncio.run(challenge(env))[1] == "sav.challenge"
+
+
+def index(env: Env, queue_id: str, user: str = USER) -> None:
+    """A quarantine index row for a held copy, as the quarantine module writes it."""
+    with env.db.write() as conn:
+        conn.execute(
+            "INSERT INTO quarantine (queue_id, rcpt_index, tenant, user, sender, subject, size,"
+            " layer, reason, held_at, expires_at) VALUES (?, 0, 'default', ?, ?, 'x', 1,"
+            " 'community', 'community.unknown', 0, 0)",
+            (queue_id, user, SENDER),
+        )
+
+
+def note(env: Env, queue_id: str) -> object:
+    return env.db.read("SELECT sav FROM quarantine WHERE queue_id = ?", (queue_id,))[0][0]
+
+
+def test_the_quarantine_index_is_told_what_sav_did(env: Env) -> None:
+    second = "0000000000000000002"
+    index(env, HELD)
+    index(env, second)
+    _, token = send_one(env)
+    assert note(env, HELD) == "sav.challenge"
+    assert asyncio.run(challenge(env, queue_id=second)) == (None, "sav.interval")
+    assert note(env, second) == "sav.interval"
+    data = env.sav.check_token(token)
+    assert data is not None and asyncio.run(env.sav.confirm(data)) is True
+    assert note(env, HELD) == "sav.verified"

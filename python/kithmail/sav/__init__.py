@@ -314,6 +314,7 @@ class Sav:
             " expires_at, state, why) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'suppressed', ?)",
             (tenant, user, sender, domain, queue_id, new_nonce(), int(now), int(now), reason),
         )
+        _note(conn, queue_id, user, reason)
         log.info(
             "no SAV challenge to <%s> for %s about %s: %s",
             _printable(sender),
@@ -386,9 +387,36 @@ class Sav:
         recorded ``suppressed`` and None is returned. If composing or
         spooling fails, the row is removed (it never counted) and the error
         raised. The challenge has the null envelope sender and goes to
-        ``sender`` with Outcome.DELIVER.
+        ``sender`` with Outcome.DELIVER. ``subject``, ``sender_name`` and
+        ``held_message_id`` are the held message's, as received.
         """
-        when = self._clock() if now is None else now
+        sent, _ = await self._send(
+            spool,
+            tenant=tenant,
+            user=user,
+            sender=sender,
+            queue_id=queue_id,
+            subject=subject,
+            sender_name=sender_name,
+            held_message_id=held_message_id,
+            now=self._clock() if now is None else now,
+        )
+        return sent
+
+    async def _send(
+        self,
+        spool: Spool,
+        *,
+        tenant: str,
+        user: str,
+        sender: str,
+        queue_id: str,
+        subject: str,
+        sender_name: str,
+        held_message_id: str,
+        now: float,
+    ) -> tuple[QueueId | None, str]:
+        when = now
         folded = fold_address(sender)
         domain = folded.rpartition("@")[2]
         expires = int(when + self.settings.community.token_ttl)
@@ -405,10 +433,11 @@ class Sav:
                     " sent_at, expires_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'sent')",
                     (tenant, user, folded, domain, queue_id, nonce, int(when), expires),
                 )
+                _note(conn, queue_id, user, "sav.challenge")
             return None
 
-        if await asyncio.to_thread(record) is not None:
-            return None
+        if (refused := await asyncio.to_thread(record)) is not None:
+            return None, refused
         token = self.make_token(tenant, user, folded, queue_id, expires, nonce)
         try:
             data = await asyncio.to_thread(
@@ -435,11 +464,16 @@ class Sav:
             await asyncio.shield(asyncio.to_thread(self._forget, nonce))
             raise
         log.info("SAV challenge %s to <%s> for %s about %s", challenge_id, folded, user, queue_id)
-        return challenge_id
+        return challenge_id, "sav.challenge"
 
     def _forget(self, nonce: str) -> None:
         with self.db.write() as conn:
-            conn.execute("DELETE FROM challenges WHERE nonce = ? AND state = 'sent'", (nonce,))
+            row = conn.execute(
+                "DELETE FROM challenges WHERE nonce = ? AND state = 'sent' RETURNING queue_id, user",
+                (nonce,),
+            ).fetchone()
+            if row is not None:
+                _note(conn, row[0], row[1], "")
 
     async def challenge(
         self,
@@ -473,7 +507,7 @@ class Sav:
         )
         if not ok:
             return None, reason
-        sent = await self.send_challenge(
+        return await self._send(
             spool,
             tenant=tenant,
             user=user,
@@ -484,17 +518,6 @@ class Sav:
             held_message_id=field(headers, "message-id"),
             now=when,
         )
-        if sent is None:
-            return None, self._last_reason(user, sender, queue_id)
-        return sent, "sav.challenge"
-
-    def _last_reason(self, user: str, sender: str, queue_id: str) -> str:
-        rows = self.db.read(
-            "SELECT why FROM challenges WHERE user = ? AND queue_id = ? AND state = 'suppressed'"
-            " ORDER BY id DESC LIMIT 1",
-            (user, queue_id),
-        )
-        return cast(str, rows[0][0]) if rows else "sav.interval"
 
     # --- verification ---
 
@@ -572,6 +595,8 @@ class Sav:
                     " WHERE nonce = ? AND state = 'sent' AND expires_at > ?",
                     (f"sav.verified.{via}", data.nonce, int(when)),
                 ).rowcount
+                if n == 1:
+                    _note(conn, data.queue_id, data.user, "sav.verified")
             return n == 1
 
         if not await asyncio.to_thread(claim):
@@ -581,7 +606,7 @@ class Sav:
             try:
                 await on_verified(data.tenant, data.user, data.sender)
             except BaseException:
-                await asyncio.shield(asyncio.to_thread(self._unclaim, data.nonce))
+                await asyncio.shield(asyncio.to_thread(self._unclaim, data))
                 raise
         await asyncio.to_thread(
             self.db.audit,
@@ -594,12 +619,15 @@ class Sav:
         log.info("SAV: <%s> confirmed for %s via %s", data.sender, data.user, via)
         return True
 
-    def _unclaim(self, nonce: str) -> None:
+    def _unclaim(self, data: TokenData) -> None:
         with self.db.write() as conn:
-            conn.execute(
-                "UPDATE challenges SET state = 'sent', why = '' WHERE nonce = ? AND state = 'verified'",
-                (nonce,),
-            )
+            n = conn.execute(
+                "UPDATE challenges SET state = 'sent', why = ''"
+                " WHERE nonce = ? AND state = 'verified'",
+                (data.nonce,),
+            ).rowcount
+            if n == 1:
+                _note(conn, data.queue_id, data.user, "sav.challenge")
 
     # --- for the page and for housekeeping ---
 
@@ -630,6 +658,17 @@ class Sav:
                 (int(when - keep), int(when)),
             ).rowcount
         return expired, deleted
+
+
+def _note(conn: sqlite3.Connection, queue_id: str, user: str, note: str) -> None:
+    """The quarantine index's ``sav`` column of the held copy: what SAV did about it.
+
+    The quarantine module leaves that column to us (an index refresh keeps
+    it); a copy not indexed yet is simply not updated.
+    """
+    conn.execute(
+        "UPDATE quarantine SET sav = ? WHERE queue_id = ? AND user = ?", (note, queue_id, user)
+    )
 
 
 def _reader(conn: sqlite3.Connection) -> Read:
