@@ -430,6 +430,7 @@ class Antivirus(_Section):
 
 
 class Community(_Section):
+    mode: Mode = "enforce"
     sav: bool = True
     require_auth: bool = True
     quarantine_days: int = Field(28, ge=1, le=3650)

@@ -22,6 +22,7 @@ import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kithmail import Core, config
 from kithmail.dns import Resolver
@@ -33,6 +34,9 @@ from kithmail.layers.spoofing.results import AuthResults
 from kithmail.metrics import Metrics
 from kithmail.spool import Outcome
 from kithmail.tenants import TenantPolicy
+
+if TYPE_CHECKING:  # the community layer reads MessageContext from here
+    from kithmail.layers.community import Community
 
 __all__ = ["LEARNED", "MessageContext", "MessageLayer", "Pipeline", "TransactionVerdict"]
 
@@ -125,6 +129,7 @@ class Pipeline:
         spf_layer: SpfLayer | None = None,
         message_layers: Sequence[MessageLayer] = (),
         trusted_message_layers: Sequence[MessageLayer] = (),
+        community: Community | None = None,
     ) -> None:
         self.settings = settings
         self.core = core
@@ -136,6 +141,7 @@ class Pipeline:
         # (anti-virus) judges everyone's: a virus from inside is a virus.
         self.message_layers = tuple(message_layers)
         self.trusted_message_layers = tuple(trusted_message_layers)
+        self.community = community
         self.trusted = _net_list(settings.domains.trusted_networks)
         self.upstreams = _net_list(settings.server.trusted_upstreams)
         # One Reputation per distinct [reputation] section in force; today
@@ -230,6 +236,39 @@ class Pipeline:
             self._timed(str(v.layer), t0)
             verdicts.append(v)
         return TransactionVerdict(most_severe(verdicts), verdicts)
+
+    def recipients(self, ctx: MessageContext, users: Sequence[str]) -> list[Verdict]:
+        """Layer 5: one verdict per recipient user (deliver, hold or discard).
+
+        Mail from a trusted network is not judged by layer 3, so nothing
+        in its AuthResults authenticates its From; the network vouches for
+        a From in one of our own domains (our own servers), and such mail
+        is delivered as a colleague's. Any other From on trusted-network
+        mail is judged like mail from outside (an unauthenticated identity:
+        held, never challenged).
+        """
+        if self.community is None:
+            return [Verdict(Layer.COMMUNITY, Action.ACCEPT, "community.off")] * len(users)
+        if ctx.trusted:
+            from kithmail.layers.spoofing.dmarc import author as dmarc_author
+
+            who = dmarc_author(ctx.header)
+            if not who.problem and all(d in ctx.local_domains for _, d in who.addresses):
+                v = Verdict(
+                    Layer.COMMUNITY,
+                    Action.ACCEPT,
+                    "community.trusted_colleague",
+                    f"From {who.domain} on mail from a trusted network",
+                )
+                return [self._count(v)] * len(users)
+        t0 = time.perf_counter()
+        shadow = ctx.policy.settings.community.mode == "shadow"
+        out = [
+            self._count(v.in_shadow() if shadow and v.acts else v)
+            for v in self.community.decide(ctx, users)
+        ]
+        self._timed("community", t0)
+        return out
 
 
 def rcpt_reply(v: Verdict) -> SmtpReply:

@@ -38,7 +38,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from kithmail import CoreError, config
 from kithmail.layers import Action, Verdict
+from kithmail.layers.community import outcome as community_outcome
 from kithmail.layers.spoofing.results import AuthResults
 from kithmail.metrics import SmtpMetrics
 from kithmail.pipeline import MessageContext, Pipeline, rcpt_reply, unknown_recipient
@@ -119,6 +120,9 @@ class Gateway:
     tls_context: ssl.SSLContext | None = None
     callahead: CallAhead | None = None
     on_accepted: Callable[[str], None] | None = None
+    # After a message with a held recipient is on disk: index it in the
+    # quarantine and, where safe, challenge its sender.
+    on_held: Callable[[str, Envelope, MessageContext], Awaitable[None]] | None = None
     clock: Callable[[], float] = time.time
     sessions: int = 0
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -693,6 +697,15 @@ class InboundSession(SMTP):
         tx.rcpts.append(_Rcpt(path, verdicts))
         return None
 
+    def _user_of(self, path: Path) -> str:
+        """The local user a recipient names (its +tag mapped), or the folded address."""
+        user = self.gw.find_user(path.folded)
+        address = getattr(user, "address", None)
+        if isinstance(address, str):
+            return address
+        local, _, domain = path.folded.rpartition("@")
+        return f"{local.split('+', 1)[0]}@{domain}"
+
     def _learn(self, event: str, now: int) -> None:
         if self.trusted:
             return
@@ -818,6 +831,16 @@ class InboundSession(SMTP):
             if gw.metrics is not None:
                 gw.metrics.messages.labels("deferred" if reply.code < 500 else "rejected").inc()
             return str(reply)
+        # Layer 5, per recipient, for the local ones (a trusted network's
+        # relayed recipients have no community here).
+        local = [r for r in tx.rcpts if gw.policies.is_local(r.path.domain)]
+        decided = dict(
+            zip(
+                (id(r) for r in local),
+                gw.pipeline.recipients(ctx, [self._user_of(r.path) for r in local]),
+                strict=True,
+            )
+        )
         recipients = []
         tags: list[Verdict] = []
         for r in tx.rcpts:
@@ -826,6 +849,10 @@ class InboundSession(SMTP):
             for v in r.verdicts:
                 if v.acts and v.action is Action.QUARANTINE:
                     outcome = Outcome.QUARANTINE
+            cv = decided.get(id(r))
+            if cv is not None:
+                vs.append(cv)
+                outcome = community_outcome(outcome, cv)
             tags.extend(v for v in vs if v.action is Action.TAG or v.shadow)
             recipients.append(Recipient(r.path.address, outcome, tuple(vs)))
         envelope = Envelope(
@@ -886,6 +913,13 @@ class InboundSession(SMTP):
         )
         if gw.on_accepted is not None:
             gw.on_accepted(queue_id)
+        if gw.on_held is not None and any(r.outcome is Outcome.QUARANTINE for r in recipients):
+            try:
+                await gw.on_held(queue_id, envelope, ctx)
+            except Exception:
+                # The message is on disk and answered for; the quarantine
+                # index is reconciled with the spool at the next start.
+                log.exception("quarantine index %s", _kv(queue_id=queue_id))
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _end_transaction(

@@ -178,6 +178,7 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
     )
     for name, why in rec.corrupt:
         log.error("spool: %s moved to corrupt/: %s", name, why)
+    _reconcile_quarantine(settings, spool)
     context = tls.server_context(settings)
     load_local_lists(settings)
     clock: Callable[[], float] = time.time
@@ -219,6 +220,25 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
         _, status = os.waitpid(c, 0)
         worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
     return worst
+
+
+def _reconcile_quarantine(settings: config.Settings, spool: Any) -> None:
+    """The quarantine index made to match the spool (its truth), before any worker runs.
+
+    A crash between accepting a held message and indexing it leaves the
+    message held but unindexed; this is where it is found, once.
+    """
+    from kithmail import db as dbmod
+    from kithmail.quarantine import Quarantine
+    from kithmail.tenants import Policies
+
+    database = dbmod.Database.open(settings.server.data_dir / "kithmail.db")
+    try:
+        q = Quarantine(database, spool, policies=Policies(settings, database.tenant_of))
+        r = q.reconcile_sync()
+        log.info("quarantine reconciled: held=%d added=%d removed=%d", r.held, r.added, r.removed)
+    finally:
+        database.close()
 
 
 def load_local_lists(settings: config.Settings) -> None:
@@ -276,10 +296,12 @@ async def _run_gateway(
 ) -> None:
     from kithmail import db as dbmod
     from kithmail.layers.antivirus import Antivirus
+    from kithmail.layers.community import Community
     from kithmail.layers.spoofing import Spoofing
     from kithmail.layers.spoofing.spf import for_pipeline as spf_layer
     from kithmail.metrics import SmtpMetrics
     from kithmail.pipeline import Pipeline
+    from kithmail.quarantine import Quarantine
     from kithmail.queue import Queue
     from kithmail.smtp.inbound import Gateway
     from kithmail.spool import Spool
@@ -306,6 +328,7 @@ async def _run_gateway(
         spf_layer=spf_layer(spf),
         message_layers=[spoofing.message, antivirus],
         trusted_message_layers=[antivirus],
+        community=Community(core, psl=spoofing.psl),
     )
     spool = Spool(data_dir / "spool", reserve_bytes=settings.server.spool_reserve)
     queue = Queue(spool, settings, resolver=resolver, clock=clock) if index == 0 else None
@@ -320,16 +343,23 @@ async def _run_gateway(
             negative_ttl=settings.domains.callahead_negative_ttl,
             timeout=settings.domains.callahead_timeout,
         ).check
+    policies = Policies(settings, database.tenant_of)
+    quarantine = Quarantine(database, spool, policies=policies, clock=clock)
+
+    async def on_held(queue_id: str, envelope: Any, ctx: Any) -> None:
+        await quarantine.index(queue_id)
+
     gw = Gateway(
         settings=settings,
         pipeline=pipeline,
-        policies=Policies(settings, database.tenant_of),
+        policies=policies,
         spool=spool,
         find_user=database.find_user,
         metrics=SmtpMetrics(),
         tls_context=context,
         callahead=callahead,
         on_accepted=queue.notify if queue is not None else None,
+        on_held=on_held,
         clock=clock,
     )
     servers: list[asyncio.Server] = []
@@ -357,8 +387,10 @@ async def _run_gateway(
         servers += await policy.start(settings.server.listeners.policy, reuse_port=reuse_port)
         for spec in settings.server.listeners.policy:
             log.info("policy service on %s (pid %d)", spec, os.getpid())
+    sweeper: asyncio.Task[None] | None = None
     if queue is not None:
         await queue.start()
+        sweeper = asyncio.create_task(_sweep_quarantine(quarantine))
     log.info("kithmail ready (pid %d)", os.getpid())
     await stop.wait()
     log.info("kithmail stopping (pid %d): no new connections, finishing sessions", os.getpid())
@@ -368,6 +400,23 @@ async def _run_gateway(
     deadline = loop.time() + 30
     while gw.sessions > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    if sweeper is not None:
+        sweeper.cancel()
     if queue is not None:
         await queue.stop(10)
     database.close()
+
+
+async def _sweep_quarantine(quarantine: Any, every: float = 60.0) -> None:
+    """Retention: expired held copies go, a bounded batch at a time, for ever."""
+    while True:
+        try:
+            swept = await quarantine.sweep()
+            if swept.deleted:
+                log.info("quarantine sweep: %d expired copies deleted", swept.deleted)
+            await asyncio.sleep(1.0 if swept.more else every)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("quarantine sweep failed; trying again later")
+            await asyncio.sleep(every)
