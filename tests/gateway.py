@@ -85,6 +85,7 @@ class Gateway:
     starts: int = 0
     test_hooks: bool = True
     offset: float = 0.0
+    public_port: int = 0
 
     @property
     def data_dir(self) -> Path:
@@ -208,7 +209,7 @@ def make_gateway(
 ) -> Gateway:
     """Write the config and the users; not started."""
     root.mkdir(parents=True, exist_ok=True)
-    port, web, policy = free_port(), free_port(), free_port()
+    port, web, policy, public = free_port(), free_port(), free_port(), free_port()
     base: dict[str, dict[str, Any]] = {
         "server": {
             "hostname": "mx.kithmail.test",
@@ -218,8 +219,9 @@ def make_gateway(
                 "web": [f"127.0.0.1:{web}"],
                 "policy": [f"127.0.0.1:{policy}"],
                 "submission": [f"127.0.0.1:{free_port()}"],
-                "public": [f"127.0.0.1:{free_port()}"],
+                "public": [f"127.0.0.1:{public}"],
             },
+            "public_url": f"http://127.0.0.1:{public}",
             "spool_reserve": "0",
         },
         "domains": {
@@ -257,7 +259,7 @@ def make_gateway(
             db.add_user(u, password="correct horse battery staple")
     finally:
         db.close()
-    return Gateway(root, config, port, web, policy, root / "kith-serve.log")
+    return Gateway(root, config, port, web, policy, root / "kith-serve.log", public_port=public)
 
 
 @contextlib.contextmanager

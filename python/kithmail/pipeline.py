@@ -182,6 +182,7 @@ class Pipeline:
         mail_from: str,
         recipient: str,
         now: int,
+        skip_recon: bool = False,
     ) -> list[Verdict]:
         """Layers 1 and 2 for one recipient; the last verdict that acts decides.
 
@@ -195,6 +196,9 @@ class Pipeline:
         if allow is not None and not allow.shadow:
             return [self._count(allow)]
         out: list[Verdict] = [] if allow is None else [self._count(allow)]
+        if skip_recon:  # a reply to a valid SAV token (DESIGN.md): Reputation only
+            out.append(self._count(await rep.check(client_ip)))
+            return out
         t0 = time.perf_counter()
         rv = await recon_layer.check(
             self.core,

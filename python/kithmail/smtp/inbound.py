@@ -51,6 +51,7 @@ from kithmail.layers.community import outcome as community_outcome
 from kithmail.layers.spoofing.results import AuthResults
 from kithmail.metrics import SmtpMetrics
 from kithmail.pipeline import MessageContext, Pipeline, rcpt_reply, unknown_recipient
+from kithmail.sav.tokens import parse_reply_address
 from kithmail.smtp import headers as hdr
 from kithmail.smtp.addresses import Path, PathError, parse_path, split_params
 from kithmail.spool import Envelope, Outcome, Recipient, Spool, SpoolError, SpoolFullError
@@ -123,6 +124,10 @@ class Gateway:
     # After a message with a held recipient is on disk: index it in the
     # quarantine and, where safe, challenge its sender.
     on_held: Callable[[str, Envelope, MessageContext], Awaitable[None]] | None = None
+    # SAV: (token) -> True when it names a valid, unexpired, unused challenge;
+    # and, at end of DATA, (token, sender, ctx) -> the verdict of the reply.
+    sav_token_ok: Callable[[str], bool] | None = None
+    sav_reply: Callable[[str, str, MessageContext], Awaitable[Verdict]] | None = None
     clock: Callable[[], float] = time.time
     sessions: int = 0
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -151,6 +156,7 @@ class _NoHooks:
 class _Rcpt:
     path: Path
     verdicts: list[Verdict]
+    sav_token: str | None = None  # a reply to this SAV challenge token
 
 
 @dataclass(slots=True)
@@ -645,6 +651,29 @@ class InboundSession(SMTP):
         local = "postmaster" if path.postmaster else path.local
         path = dataclasses.replace(path, address=f"{local}@{path.domain}")
         now = int(gw.clock())
+        token = parse_reply_address(path.folded) if gw.sav_token_ok is not None else None
+        if token is not None and gw.sav_token_ok is not None and gw.sav_token_ok(token):
+            # A reply to one of our challenges (DESIGN.md): accepted before
+            # user validation, and Recon is skipped for it.
+            verdicts = await gw.pipeline.rcpt(
+                policy,
+                client_ip=self.ip,
+                trusted=self.trusted,
+                mail_from=tx.mail_from.folded,
+                recipient=path.folded,
+                now=now,
+                skip_recon=True,
+            )
+            for v in verdicts:
+                if v.acts and v.action in (Action.DEFER, Action.REJECT):
+                    return str(rcpt_reply(v)), v.reason
+            # SPF too: the reply counts only from an authenticated sender.
+            refusal = await self._spf_step(tx, policy)
+            if refusal is not None:
+                return refusal
+            tx.policy = policy
+            tx.rcpts.append(_Rcpt(path, verdicts, sav_token=token))
+            return None
         # RFC 5321 §4.5.1: postmaster@ every local domain is accepted, a
         # user or not, and goes downstream as addressed. The layers still
         # judge it: a way past them for one well-known address would be
@@ -667,21 +696,10 @@ class InboundSession(SMTP):
         for v in verdicts:
             if v.acts and v.action in (Action.DEFER, Action.REJECT):
                 return str(rcpt_reply(v)), v.reason
-        # SPF (layer 3) at the first RCPT that layers 1 and 2 let through,
-        # never before them; once per transaction. Trusted networks are not
-        # judged by it.
-        if not self.trusted and not tx.spf_done:
-            tx.spf_done = True
-            tx.spf = await gw.pipeline.rcpt_spf(
-                policy,
-                tx.auth,
-                client_ip=self.ip,
-                helo=self.helo,
-                mail_from=tx.mail_from.address,
-            )
+        refusal = await self._spf_step(tx, policy)
+        if refusal is not None:
+            return refusal
         if tx.spf is not None:
-            if tx.spf.acts and tx.spf.action in (Action.DEFER, Action.REJECT):
-                return str(rcpt_reply(tx.spf)), tx.spf.reason
             verdicts = [*verdicts, tx.spf]
         if gw.settings.domains.verify_recipients == "downstream" and gw.callahead is not None:
             answer = await gw.callahead(path.address)
@@ -695,6 +713,23 @@ class InboundSession(SMTP):
                 )
         tx.policy = policy
         tx.rcpts.append(_Rcpt(path, verdicts))
+        return None
+
+    async def _spf_step(self, tx: _Transaction, policy: TenantPolicy) -> tuple[str, str] | None:
+        """SPF (layer 3) at the first RCPT that layers 1 and 2 let through,
+        never before them; once per transaction. Trusted networks are not
+        judged by it. The refusal (reply, reason) when it defers or rejects."""
+        if not self.trusted and not tx.spf_done:
+            tx.spf_done = True
+            tx.spf = await self.gw.pipeline.rcpt_spf(
+                policy,
+                tx.auth,
+                client_ip=self.ip,
+                helo=self.helo,
+                mail_from=tx.mail_from.address,
+            )
+        if tx.spf is not None and tx.spf.acts and tx.spf.action in (Action.DEFER, Action.REJECT):
+            return str(rcpt_reply(tx.spf)), tx.spf.reason
         return None
 
     def _user_of(self, path: Path) -> str:
@@ -833,7 +868,7 @@ class InboundSession(SMTP):
             return str(reply)
         # Layer 5, per recipient, for the local ones (a trusted network's
         # relayed recipients have no community here).
-        local = [r for r in tx.rcpts if gw.policies.is_local(r.path.domain)]
+        local = [r for r in tx.rcpts if gw.policies.is_local(r.path.domain) and r.sav_token is None]
         decided = dict(
             zip(
                 (id(r) for r in local),
@@ -853,6 +888,11 @@ class InboundSession(SMTP):
             if cv is not None:
                 vs.append(cv)
                 outcome = community_outcome(outcome, cv)
+            if r.sav_token is not None and gw.sav_reply is not None:
+                # The reply has done its work (or was refused, logged): it is
+                # never delivered, and the sender is not bounced.
+                vs.append(await gw.sav_reply(r.sav_token, tx.mail_from.address, ctx))
+                outcome = Outcome.DISCARD
             tags.extend(v for v in vs if v.action is Action.TAG or v.shadow)
             recipients.append(Recipient(r.path.address, outcome, tuple(vs)))
         envelope = Envelope(

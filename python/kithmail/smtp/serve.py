@@ -295,16 +295,20 @@ async def _run_gateway(
     reuse_port: bool,
 ) -> None:
     from kithmail import db as dbmod
+    from kithmail.layers import Action, Layer, Verdict
     from kithmail.layers.antivirus import Antivirus
     from kithmail.layers.community import Community
     from kithmail.layers.spoofing import Spoofing
     from kithmail.layers.spoofing.spf import for_pipeline as spf_layer
     from kithmail.metrics import SmtpMetrics
-    from kithmail.pipeline import Pipeline
+    from kithmail.pipeline import MessageContext, Pipeline
+    from kithmail.public import make_app, serve_public
     from kithmail.quarantine import Quarantine
     from kithmail.queue import Queue
+    from kithmail.sav import Sav
+    from kithmail.sav.rules import header_fields
     from kithmail.smtp.inbound import Gateway
-    from kithmail.spool import Spool
+    from kithmail.spool import Envelope, Outcome, Spool
     from kithmail.tenants import Policies
 
     loop = asyncio.get_running_loop()
@@ -345,9 +349,65 @@ async def _run_gateway(
         ).check
     policies = Policies(settings, database.tenant_of)
     quarantine = Quarantine(database, spool, policies=policies, clock=clock)
+    sav = Sav(database, settings, clock=clock)
 
-    async def on_held(queue_id: str, envelope: Any, ctx: Any) -> None:
+    def user_of(address: str) -> str:
+        found = database.find_user(address)
+        if found is not None:
+            return found.address
+        local, _, domain = address.lower().rpartition("@")
+        return f"{local.split('+', 1)[0]}@{domain}"
+
+    async def on_held(queue_id: str, envelope: Envelope, ctx: MessageContext) -> None:
         await quarantine.index(queue_id)
+        headers = header_fields(b"".join(ctx.header) + b"\r\n")
+        for r in envelope.recipients:
+            acting = [v for v in r.verdicts if v.acts]
+            # Only a copy the community held is challenged: one that an
+            # earlier layer held (a softfail, a virus) never is.
+            if r.outcome is not Outcome.QUARANTINE or not acting:
+                continue
+            if acting[0].reason != "community.unknown":
+                continue
+            challenge_id, why = await sav.challenge(
+                spool,
+                tenant=envelope.tenant,
+                user=user_of(r.address),
+                sender=envelope.mail_from,
+                queue_id=queue_id,
+                headers=headers,
+                auth=ctx.auth,
+            )
+            log.info(
+                "sav queue_id=%s rcpt=%s challenge=%s reason=%s",
+                queue_id,
+                r.address,
+                challenge_id or "-",
+                why,
+            )
+            if challenge_id is not None and queue is not None:
+                queue.notify(challenge_id)
+
+    async def on_verified(tenant: str, user: str, sender: str) -> None:
+        core.community.add(user, sender, "allow", "sav", int(clock()))
+        released = await quarantine.release_sender(user, sender, actor="sav")
+        log.info("sav verified user=%s sender=%s released=%d", user, sender, len(released))
+
+    def sav_token_ok(token: str) -> bool:
+        return not isinstance(sav.check(token), str)
+
+    async def sav_reply(token: str, sender: str, ctx: MessageContext) -> Verdict:
+        headers = header_fields(b"".join(ctx.header) + b"\r\n")
+        data, reason = await asyncio.to_thread(sav.verify_reply, token, sender, ctx.auth, headers)
+        if data is None:
+            return Verdict(Layer.COMMUNITY, Action.DISCARD, reason, "a reply that does not count")
+        ok = await sav.confirm(data, on_verified)
+        return Verdict(
+            Layer.COMMUNITY,
+            Action.DISCARD,
+            "sav.verified" if ok else "sav.token_used",
+            f"the challenge to {data.sender} for {data.user}",
+        )
 
     gw = Gateway(
         settings=settings,
@@ -360,6 +420,8 @@ async def _run_gateway(
         callahead=callahead,
         on_accepted=queue.notify if queue is not None else None,
         on_held=on_held,
+        sav_token_ok=sav_token_ok,
+        sav_reply=sav_reply,
         clock=clock,
     )
     servers: list[asyncio.Server] = []
@@ -388,9 +450,16 @@ async def _run_gateway(
         for spec in settings.server.listeners.policy:
             log.info("policy service on %s (pid %d)", spec, os.getpid())
     sweeper: asyncio.Task[None] | None = None
+    public: asyncio.Task[None] | None = None
     if queue is not None:
         await queue.start()
-        sweeper = asyncio.create_task(_sweep_quarantine(quarantine))
+        sweeper = asyncio.create_task(_sweep_quarantine(quarantine, sav))
+        if settings.server.listeners.public:
+            # The confirmation pages: one worker serves them (uvicorn).
+            app = make_app(settings, database, on_verified, sav=sav, clock=clock)
+            public = asyncio.create_task(serve_public(app, settings.server.listeners.public))
+            for spec in settings.server.listeners.public:
+                log.info("public pages on http://%s (pid %d)", spec, os.getpid())
     log.info("kithmail ready (pid %d)", os.getpid())
     await stop.wait()
     log.info("kithmail stopping (pid %d): no new connections, finishing sessions", os.getpid())
@@ -400,17 +469,21 @@ async def _run_gateway(
     deadline = loop.time() + 30
     while gw.sessions > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    if sweeper is not None:
-        sweeper.cancel()
+    for task in (sweeper, public):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
     if queue is not None:
         await queue.stop(10)
     database.close()
 
 
-async def _sweep_quarantine(quarantine: Any, every: float = 60.0) -> None:
-    """Retention: expired held copies go, a bounded batch at a time, for ever."""
+async def _sweep_quarantine(quarantine: Any, sav: Any, every: float = 60.0) -> None:
+    """Retention: expired held copies and challenges go, a bounded batch at a time."""
     while True:
         try:
+            await asyncio.to_thread(sav.sweep)
             swept = await quarantine.sweep()
             if swept.deleted:
                 log.info("quarantine sweep: %d expired copies deleted", swept.deleted)
