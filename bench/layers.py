@@ -701,6 +701,8 @@ class Bench:
             impls = all_impls
             if not self.have_clamdscan:
                 impls = [x for x in all_impls if "clamdscan" not in x.name]
+            if a.wait_idle > 0:
+                wait_idle(min(a.wait_idle, 60.0))
             log(f"{key}: {what}")
             for impl in impls:
                 await self._round(impl, 0, 0.0, keep=False)  # warm-up (min_messages)
@@ -1115,7 +1117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wait-idle",
         type=float,
         default=0.0,
-        help="wait up to this many seconds for the machine to be under 25%% busy first",
+        help="wait up to this many seconds for the machine to be under 25%% busy first, "
+        "and up to min(this, 60) before each figure",
     )
     p.add_argument("--dir", help="parent of the temporary directory (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
