@@ -14,7 +14,7 @@ STAMP       := $(VENV)/.built-debug
 # Debian packages the tests drive for real (installed by `make test` when missing).
 DEB_PACKAGES := dnsmasq postfix swaks knot clamav-daemon
 # ... and those the benchmarks compare against (installed by `make bench`).
-BENCH_DEB_PACKAGES := postgrey
+BENCH_DEB_PACKAGES := postgrey clamdscan
 
 .PHONY: all build test test-rust test-python lint fmt bench run clean sysdeps bench-sysdeps install-debs
 
@@ -83,7 +83,7 @@ bench: $(BENCH_VENV)/bin/maturin bench-sysdeps
 	$(BPY) bench/core.py --json bench/results/core.json --floor target/release/kithmail-floor
 	$(BPY) bench/policy.py --json bench/results/policy.json
 	$(BPY) bench/smtp.py --wait-idle 120 --json bench/results/smtp.json
-	$(BPY) bench/layers.py --json bench/results/layers.json
+	$(BPY) bench/layers.py --wait-idle 120 --json bench/results/layers.json
 
 # The gateway on the embedded default: data in ./var, local domain example.test,
 # Maildirs under ./var/mail, inbound SMTP on 127.0.0.1:2525, /metrics on :8025.
