@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import json
 import re
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from disk import tmpfs
 from gateway import Client, Gateway, free_port, make_gateway, message
 from sink import Sink, sink_root, start_sink
 
@@ -153,27 +153,10 @@ def test_downstream_outage_queues_and_delivers_when_back(tmp_path: Path) -> None
         )
 
 
-@contextlib.contextmanager
-def _tmpfs(d: Path, options: str) -> Iterator[Path]:
-    d.mkdir(parents=True)
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode:
-        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=True)
-
-
 def test_full_disk_answers_452_and_keeps_serving(tmp_path: Path) -> None:
     port = free_port()  # nothing listens: mail stays in the spool
     root = tmp_path / "gw"
-    with _tmpfs(root / "var" / "spool", "size=1m,mode=0700"), _gateway(root, port) as gw:
+    with tmpfs(root / "var" / "spool", "size=1m,mode=0700"), _gateway(root, port) as gw:
         big = message("msg-1", body="x" * 76 + "\r\n") * 1
         body = ("y" * 998 + "\r\n") * 600  # ~600 KiB
         first = asyncio.run(_one(gw.port, message("msg-1", body=body)))

@@ -12,7 +12,6 @@ recovery), not the fsyncs themselves against power loss.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import json
@@ -26,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from disk import tmpfs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -532,24 +532,6 @@ def test_torn_state_line_is_ignored_never_misread(spool: Spool, root: Path) -> N
 
 
 # ---------------------------------------------------------------- a real full disk
-
-
-@contextlib.contextmanager
-def tmpfs(d: Path, options: str) -> Iterator[Path]:
-    """A tmpfs of our own at `d` (the tests run as root), unmounted afterwards."""
-    d.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode:
-        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", str(d)], check=True)
 
 
 @pytest.fixture

@@ -642,13 +642,19 @@ def run_standalone(
     except config.ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    return reported(lambda: handler(args, settings))
+
+
+def reported(command: Callable[[], int]) -> int:
+    """Run a command; its failures become one line on stderr and an exit status."""
     try:
-        return handler(args, settings)
+        return command()
     except CommandError as e:
         message = str(e)
     except CoreError as e:
         message = str(e) or type(e).__name__
     except BrokenPipeError:
+        # The reader went away (kith ... | head); don't complain about it at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
@@ -684,23 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"kith: error: {e}", file=sys.stderr)
         return 1
-    try:
-        return run(args, settings)
-    except CommandError as e:
-        message = str(e)
-    except CoreError as e:
-        message = str(e) or type(e).__name__
-    except BrokenPipeError:
-        # The reader went away (kith ... | head); don't complain about it at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
-    except OSError as e:
-        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
-    except KeyboardInterrupt:
-        return 130
-    print(f"kith: error: {message}", file=sys.stderr)
-    return 1
+    return reported(lambda: run(args, settings))
 
 
 if __name__ == "__main__":

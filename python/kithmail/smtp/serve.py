@@ -49,13 +49,22 @@ def serve_policy(settings: config.Settings) -> int:
     multiprocess_dir(settings.server.data_dir)
     serve_metrics(web, multiprocess=True)
     log.info("metrics on http://%s/metrics (merged from %d workers)", web, n)
+    return fork_workers(n, lambda _i: _worker(settings, reuse_port=True))
+
+
+def fork_workers(n: int, work: Callable[[int], int]) -> int:
+    """Fork `n` workers running `work(index)`, forward SIGTERM/SIGINT, wait for them all.
+
+    Returns the worst exit status. Each worker opens what must not cross a
+    fork (the LMDB environment, the event loop) itself, after the fork.
+    """
     children: list[int] = []
-    for _ in range(n):
+    for i in range(n):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _worker(settings, reuse_port=True)
+                code = work(i)
             finally:
                 os._exit(code)
         children.append(pid)
@@ -197,29 +206,9 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
     if web:
         serve_metrics(web, multiprocess=True)
         log.info("metrics on http://%s/metrics (merged from %d workers)", web, n)
-    children: list[int] = []
-    for i in range(n):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _gateway_worker(settings, context, clock, index=i, reuse_port=True)
-            finally:
-                os._exit(code)
-        children.append(pid)
-
-    def forward(sig: int, _frame: object) -> None:
-        for c in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(c, sig)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    worst = 0
-    for c in children:
-        _, status = os.waitpid(c, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
-    return worst
+    return fork_workers(
+        n, lambda i: _gateway_worker(settings, context, clock, index=i, reuse_port=True)
+    )
 
 
 def _reconcile_quarantine(settings: config.Settings, spool: Any) -> None:
