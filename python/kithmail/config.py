@@ -169,6 +169,18 @@ def _domain(v: Any) -> str:
     return d
 
 
+def _journal_address(v: Any) -> str:
+    """A plain ``local@domain``, folded as recipients are compared (lower case, A-labels)."""
+    if not isinstance(v, str) or v.count("@") != 1:
+        raise ValueError("a journal address is a plain address like 'journal@example.test'")
+    local, _, domain = v.strip().partition("@")
+    if not re.fullmatch(r"[A-Za-z0-9!#$&'*/=?^_`{|}~-]+(\.[A-Za-z0-9!#$&'*/=?^_`{|}~-]+)*", local):
+        raise ValueError(
+            f"invalid journal address {v!r}: the local part must be plain (no quotes, +, % or !)"
+        )
+    return f"{local.lower()}@{_domain(domain)}"
+
+
 def _nameserver(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError("a nameserver is 'IP' or 'IP:PORT'")
@@ -448,6 +460,23 @@ class Community(_Section):
     )
 
 
+class Submission(_Section):
+    journal_address: Annotated[str, BeforeValidator(_journal_address)] | None = Field(
+        None,
+        description="Accepts BCC journal copies from trusted_networks on the inbound listener; "
+        "their recipients join the sender's community, the copy is discarded (unset: off)",
+    )
+    auth_failures_per_ip_per_hour: int = Field(
+        10, ge=1, description="Failed AUTH attempts from one IP per hour before 421 and hang-up"
+    )
+    auth_failures_per_account_per_hour: int = Field(
+        10, ge=1, description="Failed AUTH attempts for one account per hour before 421"
+    )
+    messages_per_user_per_hour: int = Field(
+        200, ge=1, description="Messages one authenticated user may send per hour (then 451 4.7.1)"
+    )
+
+
 class Policy(_Section):
     policy_clients: list[Network] = ["127.0.0.1/32"]
     spf: bool = Field(
@@ -472,6 +501,7 @@ class Settings(_Section):
     spoofing: Spoofing = Field(default_factory=Spoofing)
     antivirus: Antivirus = Field(default_factory=Antivirus)
     community: Community = Field(default_factory=Community)
+    submission: Submission = Field(default_factory=Submission)
     policy: Policy = Field(default_factory=Policy)
     source: str = Field("<embedded default>", exclude=True)
 
