@@ -128,6 +128,10 @@ class Gateway:
     # and, at end of DATA, (token, sender, ctx) -> the verdict of the reply.
     sav_token_ok: Callable[[str], bool] | None = None
     sav_reply: Callable[[str, str, MessageContext], Awaitable[Verdict]] | None = None
+    # Journaling (`[submission] journal_address`): at end of DATA, a copy
+    # sent to the journal address by a trusted network teaches its sender's
+    # community; the verdict says what it taught. The copy is discarded.
+    journal: Callable[[MessageContext], Awaitable[Verdict]] | None = None
     clock: Callable[[], float] = time.time
     sessions: int = 0
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -157,6 +161,7 @@ class _Rcpt:
     path: Path
     verdicts: list[Verdict]
     sav_token: str | None = None  # a reply to this SAV challenge token
+    journal: bool = False  # a journal copy: teaches, never delivered
 
 
 @dataclass(slots=True)
@@ -398,13 +403,13 @@ class InboundSession(SMTP):
             except UnicodeDecodeError:
                 await self._bad("500 5.5.2 Syntax error: invalid UTF-8 in the command")
                 continue
-            handler = _COMMANDS.get(command)
-            if handler is None:
+            name = _COMMANDS.get(command)
+            if name is None:
                 await self._bad("500 5.5.2 Syntax error: command not recognised")
                 continue
             self._reset_timeout()
             try:
-                await handler(self, arg)
+                await getattr(self, name)(arg)
             except (asyncio.CancelledError, ConnectionResetError):
                 raise
             except Exception:
@@ -446,8 +451,12 @@ class InboundSession(SMTP):
         if not esmtp:
             await self.push(f"250 {self.hostname}")
             return
+        lines = [self.hostname, *self._extensions()]
+        await self.push("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
+
+    def _extensions(self) -> list[str]:
+        """The EHLO keywords offered now (after the greeting line)."""
         lines = [
-            self.hostname,
             f"SIZE {self.gw.settings.limits.max_message_size}",
             "PIPELINING",
             "8BITMIME",
@@ -458,7 +467,7 @@ class InboundSession(SMTP):
             lines.append("STARTTLS")
         if self.upstream:
             lines.append("XCLIENT ADDR NAME HELO PROTO")
-        await self.push("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
+        return lines
 
     async def do_ehlo(self, arg: str) -> None:
         await self.do_helo(arg, True)
@@ -584,14 +593,10 @@ class InboundSession(SMTP):
         except PathError as e:
             await self._bad(e.reply)
             return
-        now = self.gw.clock()
-        if not self.trusted:
-            if not self.gw.ip_msg_rate.hit(self.ip, now):
-                await self.push("451 4.7.1 Too many messages from your address; slow down")
-                return
-            if path.folded and not self.gw.sender_rate.hit(path.folded, now):
-                await self.push("451 4.7.1 Too many messages from this sender; slow down")
-                return
+        refusal = self._check_sender(path, self.gw.clock())
+        if refusal is not None:
+            await self.push(refusal)
+            return
         options = []
         if utf8:
             options.append("SMTPUTF8")
@@ -599,6 +604,15 @@ class InboundSession(SMTP):
             options.append("BODY=8BITMIME")
         self.tx = _Transaction(path, tuple(options), utf8)
         await self.push("250 2.1.0 Ok")
+
+    def _check_sender(self, path: Path, now: float) -> str | None:
+        """The reply refusing a well-formed MAIL FROM, or None: here, the rates."""
+        if not self.trusted:
+            if not self.gw.ip_msg_rate.hit(self.ip, now):
+                return "451 4.7.1 Too many messages from your address; slow down"
+            if path.folded and not self.gw.sender_rate.hit(path.folded, now):
+                return "451 4.7.1 Too many messages from this sender; slow down"
+        return None
 
     async def do_rcpt(self, arg: str) -> None:
         tx = self.tx
@@ -633,6 +647,16 @@ class InboundSession(SMTP):
             path = dataclasses.replace(
                 path, address=f"postmaster@{domain}", folded=f"postmaster@{domain}", domain=domain
             )
+        journal = gw.settings.submission.journal_address
+        if journal is not None and path.folded == journal:
+            # Journal copies come from the organisation's own server, on a
+            # trusted network; to anyone else the address does not exist,
+            # and says so exactly as an unknown user does.
+            if not self.trusted or gw.journal is None:
+                self._learn("unknown_recipient", int(gw.clock()))
+                return str(unknown_recipient().reply), "recipient.unknown"
+            tx.rcpts.append(_Rcpt(path, [], journal=True))
+            return None
         policy = None if path.literal else gw.policies.for_domain(path.domain)
         if policy is None:
             if self.trusted:
@@ -868,7 +892,11 @@ class InboundSession(SMTP):
             return str(reply)
         # Layer 5, per recipient, for the local ones (a trusted network's
         # relayed recipients have no community here).
-        local = [r for r in tx.rcpts if gw.policies.is_local(r.path.domain) and r.sav_token is None]
+        local = [
+            r
+            for r in tx.rcpts
+            if gw.policies.is_local(r.path.domain) and r.sav_token is None and not r.journal
+        ]
         decided = dict(
             zip(
                 (id(r) for r in local),
@@ -892,6 +920,11 @@ class InboundSession(SMTP):
                 # The reply has done its work (or was refused, logged): it is
                 # never delivered, and the sender is not bounced.
                 vs.append(await gw.sav_reply(r.sav_token, tx.mail_from.address, ctx))
+                outcome = Outcome.DISCARD
+            if r.journal and gw.journal is not None:
+                # Taught before the copy is on disk, as a SAV reply is: a
+                # retry after a 4xx teaches the same entries again, harmlessly.
+                vs.append(await gw.journal(ctx))
                 outcome = Outcome.DISCARD
             tags.extend(v for v in vs if v.action is Action.TAG or v.shadow)
             recipients.append(Recipient(r.path.address, outcome, tuple(vs)))
@@ -962,6 +995,10 @@ class InboundSession(SMTP):
                 log.exception("quarantine index %s", _kv(queue_id=queue_id))
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
+    def _log_fields(self) -> dict[str, Any]:
+        """More fields for the transaction's log line (the submission's user)."""
+        return {}
+
     def _end_transaction(
         self,
         result: str,
@@ -998,6 +1035,7 @@ class InboundSession(SMTP):
                 client=self.ip,
                 helo=self.helo[:100],
                 sender=tx.mail_from.address,
+                **self._log_fields(),
                 tenant=tx.policy.tenant if tx.policy else None,
                 rcpts=rcpts,
                 verdicts=[f"{v.reason}{'/shadow' if v.shadow else ''}" for v in verdicts or []]
@@ -1070,19 +1108,21 @@ class _suppress_core_errors:
         return False
 
 
-_COMMANDS: dict[str, Callable[[InboundSession, str], Any]] = {
-    "EHLO": InboundSession.do_ehlo,
-    "HELO": InboundSession.do_helo_plain,
-    "STARTTLS": InboundSession.do_starttls,
-    "MAIL": InboundSession.do_mail,
-    "RCPT": InboundSession.do_rcpt,
-    "DATA": InboundSession.do_data,
-    "RSET": InboundSession.do_rset,
-    "NOOP": InboundSession.do_noop,
-    "QUIT": InboundSession.do_quit,
-    "VRFY": InboundSession.do_vrfy,
-    "EXPN": InboundSession.do_expn,
-    "HELP": InboundSession.do_help,
-    "AUTH": InboundSession.do_auth,
-    "XCLIENT": InboundSession.do_xclient,
+# Verb -> the name of its handler, looked up on the session, so that a
+# subclass (the submission listener) answers a command by overriding it.
+_COMMANDS: dict[str, str] = {
+    "EHLO": "do_ehlo",
+    "HELO": "do_helo_plain",
+    "STARTTLS": "do_starttls",
+    "MAIL": "do_mail",
+    "RCPT": "do_rcpt",
+    "DATA": "do_data",
+    "RSET": "do_rset",
+    "NOOP": "do_noop",
+    "QUIT": "do_quit",
+    "VRFY": "do_vrfy",
+    "EXPN": "do_expn",
+    "HELP": "do_help",
+    "AUTH": "do_auth",
+    "XCLIENT": "do_xclient",
 }
