@@ -86,6 +86,7 @@ class Gateway:
     test_hooks: bool = True
     offset: float = 0.0
     public_port: int = 0
+    submission_port: int = 0
 
     @property
     def data_dir(self) -> Path:
@@ -210,6 +211,7 @@ def make_gateway(
     """Write the config and the users; not started."""
     root.mkdir(parents=True, exist_ok=True)
     port, web, policy, public = free_port(), free_port(), free_port(), free_port()
+    submission = free_port()
     base: dict[str, dict[str, Any]] = {
         "server": {
             "hostname": "mx.kithmail.test",
@@ -218,7 +220,7 @@ def make_gateway(
                 "inbound": [f"127.0.0.1:{port}"],
                 "web": [f"127.0.0.1:{web}"],
                 "policy": [f"127.0.0.1:{policy}"],
-                "submission": [f"127.0.0.1:{free_port()}"],
+                "submission": [f"127.0.0.1:{submission}"],
                 "public": [f"127.0.0.1:{public}"],
             },
             "public_url": f"http://127.0.0.1:{public}",
@@ -259,7 +261,16 @@ def make_gateway(
             db.add_user(u, password="correct horse battery staple")
     finally:
         db.close()
-    return Gateway(root, config, port, web, policy, root / "kith-serve.log", public_port=public)
+    return Gateway(
+        root,
+        config,
+        port,
+        web,
+        policy,
+        root / "kith-serve.log",
+        public_port=public,
+        submission_port=submission,
+    )
 
 
 @contextlib.contextmanager

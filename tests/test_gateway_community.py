@@ -12,12 +12,14 @@ next message from them is delivered at once.
 from __future__ import annotations
 
 import re
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from auth_zones import ZONES, message, records
 from dns_server import Dnsmasq, StartDnsmasq
@@ -161,3 +163,47 @@ def test_confirmation_page_get_changes_nothing_post_releases(gw: Gateway, outbou
     # Spent: a second POST does nothing more.
     again, _ = _http(url, urllib.parse.urlencode({"form": tag[1]}).encode(), origin=base)
     assert again == 410, again
+
+
+def test_outbound_mail_teaches_and_the_reply_is_delivered_without_challenge(
+    gw: Gateway, outbound: Sink
+) -> None:
+    """Mail a user sends out adds its recipients; their reply is delivered at once."""
+
+    async def submit() -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the gateway's self-signed certificate
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=gw.submission_port,
+            source_address=("127.0.0.80", 0),
+            start_tls=False,
+            tls_context=ctx,
+            timeout=20,
+        )
+        await smtp.connect()
+        await smtp.starttls()
+        await smtp.login("bob@example.test", "correct horse battery staple")
+        out = message(
+            from_="Bob <bob@example.test>", subject="lunch?", message_id="<o1@example.test>"
+        )
+        errors, _ = await smtp.sendmail("bob@example.test", ["ann@bank.test"], out)
+        assert errors == {}
+        await smtp.quit()
+
+    run(submit())
+    gw.wait_for(
+        "the outbound copy at the smarthost",
+        lambda: [m for m in outbound.messages() if b"Subject: lunch?" in m],
+    )
+    listed = gw.kith("community", "list", "bob@example.test").stdout
+    assert "ann@bank.test" in listed and "outbound" in listed
+    # Ann's reply: authenticated (SPF and DMARC pass for bank.test), a member:
+    # delivered at once, held for nobody, challenged by nobody.
+    reply = message(from_="Ann <ann@bank.test>", subject="Re: lunch?", message_id="<r1@bank.test>")
+    assert _send(gw, "ann@bank.test", "bob@example.test", reply)[-1].code == 250
+    got = gw.wait_for("the reply in bob's Maildir", lambda: gw.messages("bob@example.test"))
+    assert b"Subject: Re: lunch?" in got[0]
+    assert _challenges(outbound) == []
+    assert "community.member" in gw.log_text()

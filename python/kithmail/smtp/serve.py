@@ -297,6 +297,7 @@ async def _run_gateway(
     from kithmail.sav import Sav
     from kithmail.sav.rules import header_fields
     from kithmail.smtp.inbound import Gateway
+    from kithmail.smtp.submission import Submission
     from kithmail.spool import Envelope, Outcome, Spool
     from kithmail.tenants import Policies
 
@@ -413,7 +414,21 @@ async def _run_gateway(
         sav_reply=sav_reply,
         clock=clock,
     )
+    submission = Submission(gateway=gw, database=database, core=core, data_dir=data_dir)
+    gw.journal = submission.journal  # BCC journal copies on the inbound listener
     servers: list[asyncio.Server] = []
+    for spec in settings.server.listeners.submission:
+        host, _, port = spec.rpartition(":")
+        servers.append(
+            await loop.create_server(
+                submission.factory,
+                host.strip("[]"),
+                int(port),
+                reuse_address=True,
+                reuse_port=reuse_port,
+            )
+        )
+        log.info("submission on %s (pid %d)", spec, os.getpid())
     for spec in settings.server.listeners.inbound:
         host, _, port = spec.rpartition(":")
         servers.append(
