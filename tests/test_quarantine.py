@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from kithmail import config
+from kithmail import Core, config
 from kithmail.db import Database
 from kithmail.layers import Action, Layer, Verdict
 from kithmail.quarantine import (
@@ -32,6 +32,8 @@ from kithmail.quarantine import (
     NotHeldError,
     NotLocalError,
     Quarantine,
+    QuarantineError,
+    sender_identity,
 )
 from kithmail.spool import (
     Envelope,
@@ -117,6 +119,10 @@ class World:
 
     def state(self, qid: str, index: int = 0) -> State:
         return self.spool.load_sync(qid).recipients[index].state
+
+    @staticmethod
+    def core_member(core: Core, user: str, sender: str) -> str:
+        return core.community.member(user, sender).status
 
     def audit(self) -> list[tuple[object, ...]]:
         return self.db.read("SELECT actor, action, target, detail FROM audit_log ORDER BY id")
@@ -408,6 +414,110 @@ def test_release_sender_in_arrival_order(world: World) -> None:
     assert world.q.release_sender_sync(ANN, "pat@example.com", actor="sav:verified") == []
 
 
+# ---------------------------------------------------------------- allow+release and block
+
+
+def entries(core: Core, user: str) -> list[tuple[str, str, str]]:
+    return sorted((e.entry, e.kind, e.source) for e in core.community.list(user))
+
+
+def test_sender_identity_prefers_the_authenticated_one() -> None:
+    authed = Verdict(
+        Layer.COMMUNITY,
+        Action.QUARANTINE,
+        "community.unknown",
+        "unknown: Pat@Example.COM (DMARC pass) is not in the community of ann@example.test",
+    )
+    unauthed = Verdict(
+        Layer.COMMUNITY, Action.QUARANTINE, "community.unknown", "unauthenticated: x: no DMARC"
+    )
+    r = Recipient(ANN, Outcome.QUARANTINE, (DKIM_FAIL, authed))
+    assert sender_identity(r, "bounce-1@mailer.example.net") == "pat@example.com"
+    r = Recipient(ANN, Outcome.QUARANTINE, (unauthed,))
+    assert sender_identity(r, "Bounce-1@Mailer.Example.NET") == "bounce-1@mailer.example.net"
+    assert sender_identity(Recipient(ANN, Outcome.QUARANTINE, (DKIM_FAIL,)), "") == ""
+
+
+def test_allow_release_teaches_and_releases_every_copy_of_that_sender(
+    world: World, core: Core
+) -> None:
+    first = world.held(subject="first", received=T0 + 10)
+    second = world.held(subject="second", received=T0 + 20)
+    other_sender = world.held(sender="joe@example.net")
+    for_bob = world.held(BOB)
+    t = world.q.allow_release_sync(second, 0, core=core, actor="user:ann", user=ANN)
+    assert (t.entry, t.kind, t.added) == ("pat@example.com", "allow", True)
+    assert [h.queue_id for h in t.copies] == [second, first]
+    assert entries(core, ANN) == [("pat@example.com", "allow", "manual")]
+    assert entries(core, BOB) == []
+    assert world.core_member(core, ANN, "pat@example.com") == "allowed"
+    assert world.state(first) is State.PENDING and world.state(second) is State.PENDING
+    assert world.state(other_sender) is State.HELD and world.state(for_bob) is State.HELD
+    assert [a[1] for a in world.audit()] == [
+        "quarantine.allow",
+        "quarantine.release",
+        "quarantine.release",
+    ]
+    assert "entry=pat@example.com source=manual" in str(world.audit()[0][3])
+    # Someone else's copy is "not held", and nothing is taught.
+    with pytest.raises(NotHeldError):
+        world.q.allow_release_sync(for_bob, 0, core=core, actor="user:ann", user=ANN)
+    assert entries(core, BOB) == []
+
+
+def test_allow_release_of_an_antivirus_hold_is_for_admins(world: World, core: Core) -> None:
+    virus = world.held(ANN, VIRUS)
+    with pytest.raises(AdminOnlyError):
+        world.q.allow_release_sync(virus, 0, core=core, actor="user:ann", user=ANN)
+    assert entries(core, ANN) == [] and world.state(virus) is State.HELD
+    t = world.q.allow_release_sync(virus, 0, core=core, actor="cli:root", admin=True)
+    assert entries(core, ANN) == [("pat@example.com", "allow", "admin")]
+    assert [h.queue_id for h in t.copies] == [virus] and world.state(virus) is State.PENDING
+
+
+def test_allow_list_release(world: World, core: Core) -> None:
+    listed = world.held(extra=b"List-Id: Friends <friends.lists.example.org>\r\n")
+    other = world.held()
+    t = world.q.allow_list_release_sync(listed, 0, core=core, actor="user:ann", user=ANN)
+    assert t.entry == "list:friends.lists.example.org"
+    assert entries(core, ANN) == [("list:friends.lists.example.org", "allow", "manual")]
+    assert world.state(listed) is State.PENDING and world.state(other) is State.HELD
+    with pytest.raises(QuarantineError, match="no List-Id"):
+        world.q.allow_list_release_sync(other, 0, core=core, actor="user:ann")
+    assert world.state(other) is State.HELD
+
+
+def test_block_teaches_and_deletes_every_copy_of_that_sender(world: World, core: Core) -> None:
+    a = world.held(subject="a")
+    b = world.held(ANN, DKIM_FAIL, subject="held by layer 3")
+    other_sender = world.held(sender="joe@example.net")
+    for_bob = world.held(BOB)
+    t = world.q.block_sync(a, 0, core=core, actor="user:ann", user=ANN)
+    assert (t.entry, t.kind) == ("pat@example.com", "block")
+    assert sorted(h.queue_id for h in t.copies) == sorted([a, b])
+    assert entries(core, ANN) == [("pat@example.com", "block", "manual")]
+    assert world.core_member(core, ANN, "pat@example.com") == "blocked"
+    for qid in (a, b):
+        with pytest.raises(MessageNotFoundError):
+            world.spool.load_sync(qid)
+    assert world.state(other_sender) is State.HELD and world.state(for_bob) is State.HELD
+    assert [h.queue_id for h in world.q.list_sync(ANN)] == [other_sender]
+    assert [a[1] for a in world.audit()] == [
+        "quarantine.block",
+        "quarantine.delete",
+        "quarantine.delete",
+    ]
+
+
+def test_null_sender_unauthenticated_cannot_be_taught(world: World, core: Core) -> None:
+    bounce = world.held(ANN, DKIM_FAIL, sender="")
+    with pytest.raises(QuarantineError, match="no sender"):
+        world.q.block_sync(bounce, 0, core=core, actor="cli:root")
+    with pytest.raises(QuarantineError, match="no sender"):
+        world.q.allow_release_sync(bounce, 0, core=core, actor="cli:root")
+    assert world.state(bounce) is State.HELD and entries(core, ANN) == []
+
+
 # ---------------------------------------------------------------- delete, retention, quota
 
 
@@ -569,3 +679,49 @@ def test_cli(tmp_path: Path) -> None:
     kith(cfg, "delete", again, "0")
     done = kith(cfg, "show", again, "0", ok=False)
     assert done.returncode == 1
+
+
+def test_cli_allow_and_block(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    cfg = tmp_path / "kithmail.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{data_dir}"\n\n[domains]\nlocal = ["example.test"]\n')
+    w = make_world(data_dir)
+    w.clock.t = time.time()
+    try:
+        w.db.add_user(ANN, password="correct horse")
+        w.db.add_user(BOB, password="correct horse")
+        one = w.held(subject="one")
+        two = w.held(subject="two")
+        virus = w.held(BOB, VIRUS)
+        listed = w.held(BOB, extra=b"List-Id: <news.example.org>\r\n", sender="joe@example.net")
+        unauthenticated = Verdict(
+            Layer.COMMUNITY, Action.QUARANTINE, "community.unknown", "unauthenticated: no DMARC"
+        )
+        spam = w.held(BOB, unauthenticated, sender="spam@example.net")
+    finally:
+        w.db.close()
+    out = kith(cfg, "allow", one, "0").stdout
+    assert f"pat@example.com: added to the allow list of {ANN}" in out
+    assert f"{one}/0: released" in out and f"{two}/0: released" in out
+    done = kith(cfg, "allow", virus, "0", ok=False)
+    assert done.returncode == 1 and "--admin" in done.stderr
+    kith(cfg, "allow", listed, "0", "--list")
+    out = kith(cfg, "block", spam, "0").stdout
+    assert f"spam@example.net: added to the block list of {BOB}" in out
+    core = Core(str(data_dir / "core"))
+    try:
+        assert entries(core, ANN) == [("pat@example.com", "allow", "manual")]
+        assert entries(core, BOB) == [
+            ("list:news.example.org", "allow", "manual"),
+            ("spam@example.net", "block", "manual"),
+        ]
+    finally:
+        core.close()
+    w = make_world(data_dir)
+    try:
+        assert w.state(one) is State.PENDING and w.state(two) is State.PENDING
+        assert w.state(listed) is State.PENDING and w.state(virus) is State.HELD
+        with pytest.raises(MessageNotFoundError):
+            w.spool.load_sync(spam)
+    finally:
+        w.db.close()

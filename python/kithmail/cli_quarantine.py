@@ -6,7 +6,13 @@
 a message): envelope, verdicts and header block; ``release QUEUE_ID INDEX
 [--admin]`` delivers a copy to its original recipient now (mail held by the
 anti-virus layer needs ``--admin``); ``delete QUEUE_ID INDEX`` deletes it;
-``sweep`` runs retention to the end (the server also sweeps, incrementally).
+``sweep`` runs retention to the end (the server also sweeps, incrementally);
+``allow QUEUE_ID INDEX [--list] [--admin]`` adds the copy's sender (with
+``--list``, its ``list:<List-Id>``) to the user's community and releases
+every copy that sender has held for the user; ``block QUEUE_ID INDEX
+[--admin]`` adds the sender to the user's block list and deletes them.
+``allow`` and ``block`` also open the core (``<data_dir>/core``) as ``kith
+community`` does; LMDB lets them do so while the server has it open.
 
 These open the same spool (``<data_dir>/spool``) and database
 (``<data_dir>/kithmail.db``) as the server, through `kithmail.quarantine`,
@@ -33,8 +39,9 @@ from dataclasses import asdict
 from typing import Any
 
 from kithmail import config, db
-from kithmail.cli import CommandError, iso, table
-from kithmail.quarantine import AdminOnlyError, Held, Quarantine, QuarantineError, Shown
+from kithmail._core import Core, CoreError
+from kithmail.cli import CommandError, CoreSettings, iso, open_core, table
+from kithmail.quarantine import AdminOnlyError, Held, Quarantine, QuarantineError, Shown, Taught
 from kithmail.spool import MessageNotFoundError, Spool, SpoolError, State
 from kithmail.tenants import Policies
 
@@ -207,6 +214,49 @@ def cmd_delete(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+@contextmanager
+def open_community(settings: config.Settings) -> Iterator[Core]:
+    """The core at ``<data_dir>/core`` (prefix lengths as stored), flushed and closed after."""
+    try:
+        core = open_core(CoreSettings(data_dir=settings.server.data_dir))
+    except CoreError as e:
+        raise CommandError(f"opening the core: {e}") from None
+    try:
+        yield core
+        core.flush()
+    except CoreError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        core.close()
+
+
+def _taught(t: Taught, done: str) -> None:
+    h = t.copies[0]
+    listed = "allow list" if t.kind == "allow" else "block list"
+    note = "added to" if t.added else "already on"
+    print(f"{_printable(t.entry)}: {note} the {listed} of {h.user}")
+    for c in t.copies:
+        print(f"{c.queue_id}/{c.rcpt_index}: {done}")
+
+
+def cmd_allow(args: argparse.Namespace, settings: config.Settings) -> int:
+    with open_quarantine(settings) as q, open_community(settings) as core:
+        how = q.allow_list_release_sync if args.list else q.allow_release_sync
+        try:
+            t = how(args.queue_id, args.index, core=core, actor=actor(), admin=args.admin)
+        except AdminOnlyError as e:
+            raise CommandError(f"{e} (kith quarantine allow --admin)") from None
+    _taught(t, "released; the queue delivers it now")
+    return 0
+
+
+def cmd_block(args: argparse.Namespace, settings: config.Settings) -> int:
+    with open_quarantine(settings) as q, open_community(settings) as core:
+        t = q.block_sync(args.queue_id, args.index, core=core, actor=actor(), admin=args.admin)
+    _taught(t, "deleted")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace, settings: config.Settings) -> int:
     deleted = removed = 0
     with open_quarantine(settings) as q:
@@ -305,5 +355,30 @@ def add_commands(
     p = leaf(actions, "delete", cmd_delete, "Delete a held copy.")
     p.add_argument("queue_id", metavar="QUEUE_ID")
     p.add_argument("index", metavar="INDEX", type=_index, help="recipient index")
+    p = leaf(
+        actions,
+        "allow",
+        cmd_allow,
+        "Allow a held copy's sender in the user's community and release its held mail.",
+    )
+    p.add_argument("queue_id", metavar="QUEUE_ID")
+    p.add_argument("index", metavar="INDEX", type=_index, help="recipient index")
+    p.add_argument(
+        "--list", action="store_true", help="allow the message's List-Id instead of its sender"
+    )
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="act as an admin (source admin; needed for mail held by the anti-virus layer)",
+    )
+    p = leaf(
+        actions,
+        "block",
+        cmd_block,
+        "Block a held copy's sender in the user's community and delete its held mail.",
+    )
+    p.add_argument("queue_id", metavar="QUEUE_ID")
+    p.add_argument("index", metavar="INDEX", type=_index, help="recipient index")
+    p.add_argument("--admin", action="store_true", help="act as an admin (source admin)")
     p = leaf(actions, "sweep", cmd_sweep, "Delete every held copy past its retention now.")
     p.add_argument("--limit", type=_page, default=1000, help="copies per pass (default 1000)")

@@ -33,6 +33,15 @@ Rules kept here, not left to callers:
   nothing is deleted before its time, by a crash, a restart or a change of
   setting.
 - Every action is written to the audit log with who did it.
+- Allow+release and block teach the user's community (`kithmail._core`,
+  kind allow or block, source ``manual`` for the user and ``admin`` for an
+  admin) the copy's *sender identity* (`sender_identity`): the
+  authenticated identity the community layer recorded when it held the
+  copy — the address the community checks, so the next message from it is
+  delivered (or discarded) — else the envelope sender. The other copies
+  that sender has held for the user are found by envelope sender (the
+  index's key), as a SAV verification finds them. The anti-virus rule
+  is checked before anything is taught.
 
 Trusts: the spool's files (checksummed by the spool) and the database.
 Nothing from the message: Subject, From and Date are decoded (RFC 2047),
@@ -60,12 +69,13 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, Literal, cast
 
 from kithmail import config
-from kithmail._core import InvalidInputError, normalize_address
+from kithmail._core import Core, InvalidInputError, normalize_address
 from kithmail.db import Database, InvalidError, fold_address
 from kithmail.layers import Action, Layer, Verdict
+from kithmail.layers.community import list_id
 from kithmail.layers.spoofing import dmarc
 from kithmail.spool import (
     MessageNotFoundError,
@@ -89,7 +99,9 @@ __all__ = [
     "Reconciled",
     "Shown",
     "Swept",
+    "Taught",
     "deciding_verdict",
+    "sender_identity",
 ]
 
 log = logging.getLogger("kithmail.quarantine")
@@ -186,7 +198,37 @@ class Swept:
     more: bool  # the pass stopped at its limit: call again
 
 
+@dataclass(frozen=True, slots=True)
+class Taught:
+    """What allow+release or block did: the entry added, and the copies released or deleted."""
+
+    entry: str  # as added to the community (folded)
+    kind: str  # "allow" or "block"
+    added: bool  # False when the entry was there already
+    copies: tuple[Held, ...]  # released (allow) or deleted (block), the chosen one first
+
+
 # ---------------------------------------------------------------- helpers
+
+
+def sender_identity(recipient: Recipient, envelope_sender: str) -> str:
+    """The address to teach for a held copy: its authenticated identity, else the envelope sender.
+
+    The community layer names the authenticated identity it looked up at
+    the start of its ``community.unknown`` detail (``unknown: <identity>
+    (<how>) …``); that is what it will look up next time, so allowing it is
+    what makes the next message from that author delivered. A copy held
+    without an authenticated identity (or by a layer that did not record
+    one) gives the envelope sender; "" when that is the null sender.
+    """
+    for v in recipient.verdicts:
+        if v.layer is Layer.COMMUNITY and v.detail.startswith("unknown: "):
+            candidate = v.detail[len("unknown: ") :].split(" ", 1)[0]
+            try:
+                return normalize_address(candidate)
+            except InvalidInputError:
+                break
+    return _fold_sender(envelope_sender)
 
 
 def deciding_verdict(recipient: Recipient) -> Verdict | None:
@@ -644,6 +686,18 @@ class Quarantine:
             ),
         )
 
+    def _check_admin(self, held: Held, r: RecipientStatus, *, actor: str, admin: bool) -> None:
+        """`AdminOnlyError` for an anti-virus hold unless `admin`; the spool's verdicts decide."""
+        v = deciding_verdict(r.recipient)
+        antivirus = v is not None and v.reason.startswith("antivirus.")
+        if (antivirus or held.admin_only) and not admin:
+            self._audit(actor, "quarantine.release_refused", held, "admin only")
+            why = v.reason if v is not None and antivirus else held.reason
+            raise AdminOnlyError(
+                f"{held.queue_id}/{held.rcpt_index} was held by the anti-virus layer "
+                f"({why}): only an admin may release it"
+            )
+
     def release_sync(
         self,
         queue_id: str,
@@ -663,16 +717,7 @@ class Quarantine:
         """
         with self._locked(queue_id):
             held, _msg, r = self._current(queue_id, rcpt_index, user)
-            # The spool's verdicts decide, whatever the index says.
-            v = deciding_verdict(r.recipient)
-            antivirus = v is not None and v.reason.startswith("antivirus.")
-            if (antivirus or held.admin_only) and not admin:
-                self._audit(actor, "quarantine.release_refused", held, "admin only")
-                why = v.reason if v is not None and antivirus else held.reason
-                raise AdminOnlyError(
-                    f"{queue_id}/{rcpt_index} was held by the anti-virus layer "
-                    f"({why}): only an admin may release it"
-                )
+            self._check_admin(held, r, actor=actor, admin=admin)
             domain = r.recipient.address.rpartition("@")[2].lower()
             if self.policies is not None and not self.policies.is_local(domain):
                 raise NotLocalError(
@@ -713,6 +758,132 @@ class Quarantine:
             except (AdminOnlyError, NotLocalError) as e:
                 log.warning("quarantine: %s", e)
         return released
+
+    def _teach(
+        self,
+        core: Core,
+        held: Held,
+        entry: str,
+        kind: Literal["allow", "block"],
+        *,
+        actor: str,
+        admin: bool,
+    ) -> bool:
+        source: Literal["admin", "manual"] = "admin" if admin else "manual"
+        try:
+            added = core.community.add(held.user, entry, kind, source, int(self._clock()))
+        except InvalidInputError as e:
+            raise QuarantineError(
+                f"{held.queue_id}/{held.rcpt_index}: cannot add {entry!r}: {e}"
+            ) from None
+        self._audit(
+            actor,
+            f"quarantine.{kind}",
+            held,
+            f"entry={entry} source={source}" + ("" if added else " (already there)"),
+        )
+        return added
+
+    def allow_release_sync(
+        self,
+        queue_id: str,
+        rcpt_index: int,
+        *,
+        core: Core,
+        actor: str,
+        admin: bool = False,
+        user: str | None = None,
+    ) -> Taught:
+        """Allow the copy's sender (`sender_identity`) in the user's community, then release.
+
+        This copy is released whatever layer held it (the user chose it, and
+        the anti-virus rule holds: `AdminOnlyError` before anything is
+        taught); then every other copy the community held for that user
+        from the same envelope sender (`release_sender_sync`).
+        `QuarantineError` when there is no address to allow (the null
+        sender, unauthenticated).
+        """
+        with self._locked(queue_id):
+            held, _msg, r = self._current(queue_id, rcpt_index, user)
+            self._check_admin(held, r, actor=actor, admin=admin)
+            entry = sender_identity(r.recipient, held.sender)
+        if not entry:
+            raise QuarantineError(
+                f"{queue_id}/{rcpt_index}: no sender to allow (the null sender, unauthenticated)"
+            )
+        added = self._teach(core, held, entry, "allow", actor=actor, admin=admin)
+        first = self.release_sync(queue_id, rcpt_index, actor=actor, admin=admin, user=user)
+        rest = self.release_sender_sync(held.user, held.sender, actor=actor) if held.sender else []
+        return Taught(entry, "allow", added, (first, *rest))
+
+    def allow_list_release_sync(
+        self,
+        queue_id: str,
+        rcpt_index: int,
+        *,
+        core: Core,
+        actor: str,
+        admin: bool = False,
+        user: str | None = None,
+    ) -> Taught:
+        """Allow ``list:<List-Id>`` of the held message in the user's community, then release it.
+
+        The entry matches later mail only when the list's own domain signs
+        it or SPF-passes it (`kithmail.layers.community`). `QuarantineError`
+        when the message has no (single, well-formed) List-Id.
+        """
+        with self._locked(queue_id):
+            held, msg, r = self._current(queue_id, rcpt_index, user)
+            self._check_admin(held, r, actor=actor, admin=admin)
+            ident = list_id(_header_lines(msg))
+        if ident is None:
+            raise QuarantineError(f"{queue_id}/{rcpt_index}: the message has no List-Id")
+        entry = f"list:{ident}"
+        added = self._teach(core, held, entry, "allow", actor=actor, admin=admin)
+        first = self.release_sync(queue_id, rcpt_index, actor=actor, admin=admin, user=user)
+        return Taught(entry, "allow", added, (first,))
+
+    def block_sync(
+        self,
+        queue_id: str,
+        rcpt_index: int,
+        *,
+        core: Core,
+        actor: str,
+        admin: bool = False,
+        user: str | None = None,
+    ) -> Taught:
+        """Block the copy's sender (`sender_identity`) in the user's community, and delete.
+
+        This copy is deleted, then every other copy held for that user from
+        the same envelope sender, whatever layer held it (a delete never
+        delivers). Later mail from the blocked identity is discarded by the
+        community layer. `QuarantineError` when there is no address to block.
+        """
+        with self._locked(queue_id):
+            held, _msg, r = self._current(queue_id, rcpt_index, user)
+            entry = sender_identity(r.recipient, held.sender)
+        if not entry:
+            raise QuarantineError(
+                f"{queue_id}/{rcpt_index}: no sender to block (the null sender, unauthenticated)"
+            )
+        added = self._teach(core, held, entry, "block", actor=actor, admin=admin)
+        deleted = [self.delete_sync(queue_id, rcpt_index, actor=actor, user=user)]
+        if held.sender:
+            rows = self.db.read(
+                f"SELECT {_COLUMNS} FROM quarantine WHERE user = ? AND sender = ?"
+                " ORDER BY held_at, queue_id, rcpt_index",
+                (held.user, held.sender),
+            )
+            for row in rows:
+                h = _held(row)
+                try:
+                    deleted.append(
+                        self.delete_sync(h.queue_id, h.rcpt_index, actor=actor, user=held.user)
+                    )
+                except NotHeldError:
+                    continue  # released or deleted meanwhile
+        return Taught(entry, "block", added, tuple(deleted))
 
     def delete_sync(
         self, queue_id: str, rcpt_index: int, *, actor: str, user: str | None = None
