@@ -84,6 +84,7 @@ bench: $(BENCH_VENV)/bin/maturin bench-sysdeps
 	$(BPY) bench/policy.py --json bench/results/policy.json
 	$(BPY) bench/smtp.py --wait-idle 120 --json bench/results/smtp.json
 	$(BPY) bench/layers.py --wait-idle 120 --json bench/results/layers.json
+	$(BPY) bench/community.py --wait-idle 120 --json bench/results/community.json
 
 # The gateway on the embedded default: data in ./var, local domain example.test,
 # Maildirs under ./var/mail, inbound SMTP on 127.0.0.1:2525, /metrics on :8025.
