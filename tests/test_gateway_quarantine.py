@@ -100,3 +100,38 @@ def test_one_message_three_ways_then_allow_and_block_teach(gw: Gateway) -> None:
     assert gw.messages(BLOCKING) == [] and gw.messages(LATER) == []
     assert _held(gw, LATER) == [] and _held(gw, STRANGER) == [] and _held(gw, BLOCKING) == []
     assert b"Subject: first" in gw.messages(STRANGER)[0]
+
+
+def test_a_full_quarantine_defers_held_only_mail_never_a_member_s(
+    tmp_path: Path, zones: Dnsmasq, outbound: Sink
+) -> None:
+    with running_gateway(
+        tmp_path / "gw",
+        users=USERS,
+        sections={
+            "dns": {"nameservers": [zones.address], "timeout": "1s"},
+            "domains": {"outbound": outbound.url},
+            "recon": {"exempt_networks": ["127.0.0.0/24"]},
+            "community": {"mode": "enforce", "quarantine_quota": "1KiB"},
+        },
+    ) as gw:
+        gw.kith("community", "add", MEMBER, "ann@bank.test")
+        big = "x" * 600 + "\r\n"
+
+        def msg(n: int) -> bytes:
+            return message(subject=f"m{n}", message_id=f"<f{n}@bank.test>", body=big)
+
+        # The first fills the stranger's quarantine (an empty one takes any message).
+        assert _send(gw, [STRANGER], msg(1))[-1].code == 250
+        assert len(_held(gw, STRANGER)) == 1
+        # Held only, over quota: deferred, and nothing is kept.
+        r = _send(gw, [STRANGER], msg(2))[-1]
+        assert (r.code, r.status) == (452, "4.2.2"), r
+        assert "quarantine of sam@example.test is full" in r.text
+        assert len(_held(gw, STRANGER)) == 1
+        # Another user's quarantine is not full.
+        assert _send(gw, [LATER], msg(3))[-1].code == 250
+        # With a member among the recipients, it is accepted, held copy and all.
+        assert _send(gw, [MEMBER, STRANGER], msg(4))[-1].code == 250
+        gw.wait_for("the member's copy", lambda: gw.messages(MEMBER))
+        assert len(_held(gw, STRANGER)) == 2

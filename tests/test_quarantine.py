@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from kithmail.quarantine import (
     NotLocalError,
     Quarantine,
     QuarantineError,
+    reserve_for,
     sender_identity,
 )
 from kithmail.spool import (
@@ -41,6 +43,7 @@ from kithmail.spool import (
     Outcome,
     Recipient,
     Spool,
+    SpoolFullError,
     State,
 )
 from kithmail.tenants import Policies
@@ -67,11 +70,11 @@ class Clock:
         return self.t
 
 
-def settings_for(data_dir: Path, days: int = DAYS) -> config.Settings:
+def settings_for(data_dir: Path, days: int = DAYS, quota: int = 500 * 1024**2) -> config.Settings:
     return config.Settings(
         server=config.Server(data_dir=data_dir),
         domains=config.Domains(local=["example.test"]),
-        community=config.Community(quarantine_days=days),
+        community=config.Community(quarantine_days=days, quarantine_quota=quota),
     )
 
 
@@ -128,8 +131,8 @@ class World:
         return self.db.read("SELECT actor, action, target, detail FROM audit_log ORDER BY id")
 
 
-def make_world(data_dir: Path, days: int = DAYS) -> World:
-    settings = settings_for(data_dir, days)
+def make_world(data_dir: Path, days: int = DAYS, quota: int = 500 * 1024**2) -> World:
+    settings = settings_for(data_dir, days, quota)
     clock = Clock()
     database = Database.open(data_dir / "kithmail.db", clock=clock, hasher=FAST)
     database.sync_domains(settings.domains.local)
@@ -601,6 +604,61 @@ def test_usage_for_the_quota(world: World) -> None:
     world.q.delete_sync(b, 0, actor="cli:root")
     assert world.q.usage_sync(ANN) == world.spool.load_sync(a).size
     assert world.q.usage_sync("nobody@example.test") == 0
+
+
+def test_hold_allowed_within_the_quota(tmp_path: Path) -> None:
+    w = make_world(tmp_path / "var", quota=4000)
+    try:
+        w.db.add_user(ANN, password="correct horse")
+        assert w.q.hold_allowed_sync(ANN, 10_000) == (True, "")  # empty: any one message
+        a = w.held(body=b"x" * 1000 + b"\r\n")
+        used = w.spool.load_sync(a).size
+        assert w.q.hold_allowed_sync("Ann@Example.test", 4000 - used) == (True, "")
+        ok, why = w.q.hold_allowed_sync(ANN, 4000 - used + 1)
+        assert not ok and f"{used} of 4000 bytes held" in why
+        assert w.q.hold_allowed_sync(BOB, 10_000) == (True, "")  # someone else's quota
+        w.q.delete_sync(a, 0, actor="cli:root")
+        assert w.q.hold_allowed_sync(ANN, 10_000) == (True, "")
+    finally:
+        w.db.close()
+
+
+def test_reserve_for_only_held_mail_is_twice() -> None:
+    Q, D, X = Outcome.QUARANTINE, Outcome.DELIVER, Outcome.DISCARD
+    assert reserve_for([Q], 100) == 200
+    assert reserve_for([Q, X], 100) == 200
+    assert reserve_for([Q, D], 100) == 100
+    assert reserve_for([D], 100) == 100
+    assert reserve_for([X], 100) == 100
+    assert reserve_for([], 100) == 100
+
+
+def test_spool_refuses_held_only_mail_below_twice_the_reserve(world: World) -> None:
+    # A reserve of two thirds of the free space: one times it leaves room,
+    # twice it does not.
+    free = shutil.disk_usage(world.spool.root).free
+    base = free * 2 // 3
+    env = Envelope(
+        received=T0,
+        client_ip="192.0.2.7",
+        helo="mail.example.com",
+        mail_from="pat@example.com",
+        recipients=(Recipient(ANN, Outcome.QUARANTINE, (UNKNOWN,)),),
+    )
+    held_only = [r.outcome for r in env.recipients]
+    with pytest.raises(SpoolFullError):
+        world.spool.accept_sync(env, b"x\r\n", reserve_bytes=reserve_for(held_only, base))
+    member = (*env.recipients, Recipient(BOB, Outcome.DELIVER, (MEMBER,)))
+    mixed = Envelope(
+        received=T0,
+        client_ip="192.0.2.7",
+        helo="mail.example.com",
+        mail_from="pat@example.com",
+        recipients=member,
+    )
+    outcomes = [r.outcome for r in mixed.recipients]
+    qid = world.spool.accept_sync(mixed, b"x\r\n", reserve_bytes=reserve_for(outcomes, base))
+    assert world.state(qid, 0) is State.HELD and world.state(qid, 1) is State.PENDING
 
 
 # ---------------------------------------------------------------- the CLI

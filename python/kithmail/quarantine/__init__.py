@@ -33,6 +33,19 @@ Rules kept here, not left to callers:
   nothing is deleted before its time, by a crash, a restart or a change of
   setting.
 - Every action is written to the audit log with who did it.
+- Quotas and the disk reserve (DESIGN.md, "No loss": a full quarantine
+  never makes community mail wait). `hold_allowed_sync`: a copy may be held
+  for a user while the user's usage plus the message stays within the
+  tenant's ``[community] quarantine_quota`` (an empty quarantine takes any
+  one message, so no message is refused for ever by a quota it alone
+  exceeds). The SMTP listener asks only when *no* recipient of the message
+  is delivered, and then answers 452 4.2.2 (mailbox full, RFC 3463) for the
+  whole message: the sender retries and nothing is lost. A message with a
+  delivered copy is always taken, its held copies included (over quota,
+  then): refusing it would make the member's copy wait. `reserve_for`:
+  a message that would only be held keeps twice ``[server] spool_reserve``
+  free, one with a delivered copy once, so held mail stops at the first
+  line and community mail still has the reserve.
 - Allow+release and block teach the user's community (`kithmail._core`,
   kind allow or block, source ``manual`` for the user and ``admin`` for an
   admin) the copy's *sender identity* (`sender_identity`): the
@@ -66,7 +79,7 @@ import logging
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, Literal, cast
@@ -79,6 +92,7 @@ from kithmail.layers.community import list_id
 from kithmail.layers.spoofing import dmarc
 from kithmail.spool import (
     MessageNotFoundError,
+    Outcome,
     Recipient,
     RecipientStatus,
     Spool,
@@ -101,6 +115,7 @@ __all__ = [
     "Swept",
     "Taught",
     "deciding_verdict",
+    "reserve_for",
     "sender_identity",
 ]
 
@@ -244,6 +259,19 @@ def deciding_verdict(recipient: Recipient) -> Verdict | None:
         if v.layer is Layer.ANTIVIRUS:
             return v
     return holding[0] if holding else None
+
+
+def reserve_for(outcomes: Iterable[Outcome], base: int) -> int:
+    """The spool reserve for one message: 2 × `base` when it would only be held, else `base`.
+
+    "Only held": at least one copy held and none delivered (discarded
+    copies take no room for long). Mail for a community member may use the
+    disk down to the configured reserve; held mail stops at twice that.
+    """
+    seen = set(outcomes)
+    if Outcome.QUARANTINE in seen and Outcome.DELIVER not in seen:
+        return 2 * base
+    return base
 
 
 def _clean(text: str, limit: int) -> str:
@@ -592,6 +620,18 @@ class Quarantine:
             "SELECT coalesce(sum(size), 0) FROM quarantine WHERE user = ?", (_fold_user(user),)
         )
         return cast(int, row[0][0])
+
+    def hold_allowed_sync(self, user: str, size: int) -> tuple[bool, str]:
+        """May one more copy of `size` bytes be held for `user`? (allowed, why not).
+
+        Within the quota of the user's tenant: usage plus `size` at most
+        ``quarantine_quota``; an empty quarantine takes any one message.
+        """
+        quota = int(self._settings(user).community.quarantine_quota)
+        used = self.usage_sync(self._user(user))
+        if used == 0 or used + size <= quota:
+            return True, ""
+        return False, f"quarantine of {_fold_user(user)} is full ({used} of {quota} bytes held)"
 
     def held_sync(self, queue_id: str) -> list[Held]:
         """The indexed held copies of one message, by recipient index."""
@@ -977,6 +1017,9 @@ class Quarantine:
         return await asyncio.to_thread(
             lambda: self.release_sync(queue_id, rcpt_index, actor=actor, admin=admin, user=user)
         )
+
+    async def hold_allowed(self, user: str, size: int) -> tuple[bool, str]:
+        return await asyncio.to_thread(self.hold_allowed_sync, user, size)
 
     async def release_sender(self, user: str, sender: str, *, actor: str) -> list[Held]:
         return await asyncio.to_thread(lambda: self.release_sender_sync(user, sender, actor=actor))

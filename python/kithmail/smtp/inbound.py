@@ -51,6 +51,7 @@ from kithmail.layers.community import outcome as community_outcome
 from kithmail.layers.spoofing.results import AuthResults
 from kithmail.metrics import SmtpMetrics
 from kithmail.pipeline import MessageContext, Pipeline, rcpt_reply, unknown_recipient
+from kithmail.quarantine import reserve_for
 from kithmail.sav.tokens import parse_reply_address
 from kithmail.smtp import headers as hdr
 from kithmail.smtp.addresses import Path, PathError, parse_path, split_params
@@ -124,6 +125,10 @@ class Gateway:
     # After a message with a held recipient is on disk: index it in the
     # quarantine and, where safe, challenge its sender.
     on_held: Callable[[str, Envelope, MessageContext], Awaitable[None]] | None = None
+    # Asked when a message would only be held (no copy delivered): the held
+    # recipients' addresses and the size; a reason answers 452 4.2.2
+    # (a quarantine over quota), None accepts.
+    may_hold: Callable[[list[str], int], Awaitable[str | None]] | None = None
     # SAV: (token) -> True when it names a valid, unexpired, unused challenge;
     # and, at end of DATA, (token, sender, ctx) -> the verdict of the reply.
     sav_token_ok: Callable[[str], bool] | None = None
@@ -961,8 +966,26 @@ class InboundSession(SMTP):
             )
             return [trace, *ours, *head, *lines[end:]]
 
+        outcomes = [r.outcome for r in recipients]
+        only_held = Outcome.QUARANTINE in outcomes and Outcome.DELIVER not in outcomes
+        # Not with a SAV reply or a journal copy among the recipients: they
+        # have done their work already, and a token is single-use.
+        if (
+            only_held
+            and gw.may_hold is not None
+            and not any(r.sav_token is not None or r.journal for r in tx.rcpts)
+        ):
+            held = [r.address for r in recipients if r.outcome is Outcome.QUARANTINE]
+            full = await gw.may_hold(held, size)
+            if full is not None:
+                self._end_transaction("quarantine_full", reply="452 4.2.2")
+                if gw.metrics is not None:
+                    gw.metrics.messages.labels("deferred").inc()
+                return f"452 4.2.2 Mailbox full ({full}); try again later"
         try:
-            queue_id = await gw.spool.accept(envelope, message)
+            queue_id = await gw.spool.accept(
+                envelope, message, reserve_bytes=reserve_for(outcomes, gw.spool.reserve_bytes)
+            )
         except SpoolFullError:
             self._end_transaction("spool_full", reply="452 4.3.1")
             if gw.metrics is not None:

@@ -348,6 +348,13 @@ async def _run_gateway(
         local, _, domain = address.lower().rpartition("@")
         return f"{local.split('+', 1)[0]}@{domain}"
 
+    async def may_hold(addresses: list[str], size: int) -> str | None:
+        for address in addresses:
+            ok, why = await quarantine.hold_allowed(address, size)
+            if not ok:
+                return why
+        return None
+
     async def on_held(queue_id: str, envelope: Envelope, ctx: MessageContext) -> None:
         await quarantine.index(queue_id)
         headers = header_fields(b"".join(ctx.header) + b"\r\n")
@@ -410,6 +417,7 @@ async def _run_gateway(
         callahead=callahead,
         on_accepted=queue.notify if queue is not None else None,
         on_held=on_held,
+        may_hold=may_hold,
         sav_token_ok=sav_token_ok,
         sav_reply=sav_reply,
         clock=clock,
