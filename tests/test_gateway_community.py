@@ -207,3 +207,31 @@ def test_outbound_mail_teaches_and_the_reply_is_delivered_without_challenge(
     assert b"Subject: Re: lunch?" in got[0]
     assert _challenges(outbound) == []
     assert "community.member" in gw.log_text()
+
+
+def test_a_member_from_a_never_seen_server_is_not_deferred_by_recon(
+    tmp_path: Path, zones: Dnsmasq, outbound: Sink
+) -> None:
+    """Members at RCPT (DESIGN.md): SPF pass for a member's MAIL FROM skips Recon."""
+    with running_gateway(
+        tmp_path / "gw2",
+        sections={
+            "dns": {"nameservers": [zones.address], "timeout": "1s"},
+            "domains": {"outbound": outbound.url},
+            "recon": {"min_delay": "1h"},
+            "community": {"mode": "enforce"},
+        },
+    ) as g:
+        g.kith("community", "add", "bob@example.test", "ann@bank.test")
+        member = message(
+            from_="Ann <ann@bank.test>", subject="new server", message_id="<9@bank.test>"
+        )
+        replies = run(send(g.port, "127.0.0.91", "ann@bank.test", ["bob@example.test"], member))
+        assert replies[2].code == 250 and replies[-1].code == 250, replies
+        got = g.wait_for("the member's message", lambda: g.messages("bob@example.test"))
+        assert b"Subject: new server" in got[0]
+        g.wait_for("the recon.member reason", lambda: "recon.member" in g.log_text())
+        # A stranger from another never-seen server of the same domain is deferred.
+        other = message(from_="Carl <carl@bank.test>", subject="x", message_id="<10@bank.test>")
+        r = run(send(g.port, "127.0.0.92", "carl@bank.test", ["bob@example.test"], other))[2]
+        assert (r.code, r.status) == (451, "4.7.1"), r
