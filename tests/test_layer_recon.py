@@ -168,3 +168,20 @@ def test_the_null_sender_never_costs_a_query(core: kithmail.Core) -> None:
         run(core, "198.51.100.8", 0, sender="not-an-address", spf=spf).reason == "recon.new_source"
     )
     assert spf.asked == []
+
+
+def test_a_deferral_never_retried_counts_against_the_source(core: kithmail.Core) -> None:
+    """Self-learned reputation: each lapsed deferral is a `never_retried` event."""
+    ip = "198.51.100.9"
+    assert run(core, ip, 1000).reason == "recon.new_source"
+    assert "never_retried" not in core.reputation.counters(ip)
+    # Back after the 1 h retry window with no retry in it: new again, and lapsed.
+    assert run(core, ip, 1000 + 3601).reason == "recon.new_source"
+    assert run(core, ip, 1000 + 2 * 3602).reason == "recon.new_source"
+    assert core.reputation.counters(ip)["never_retried"][0] == 2
+    # A source that retried in time never counts.
+    other = "198.51.100.10"
+    run(core, other, 1000)
+    assert run(core, other, 1061).reason == "recon.passed"
+    # (Its /24 neighbour's two lapses show in the /24 counter, not in its own.)
+    assert core.reputation.counters(other).get("never_retried", (0, 0))[0] == 0

@@ -65,6 +65,9 @@ class ReconResult:
     on ``passed`` the delay Recon imposed is ``now - first_seen``.
     ``recorded`` is False when a new source was not remembered (the
     per-/48 cap, or a full map), so its retry will be deferred again.
+    ``lapsed`` is True on a ``new`` answer for a source that was deferred
+    before and never retried within the retry window (self-learned
+    reputation counts these).
     """
 
     @property
@@ -75,6 +78,8 @@ class ReconResult:
     def pass_until(self) -> int: ...
     @property
     def recorded(self) -> bool: ...
+    @property
+    def lapsed(self) -> bool: ...
 
 @final
 class ReconEntry:

@@ -40,10 +40,9 @@ if TYPE_CHECKING:  # the community layer reads MessageContext from here
 
 __all__ = ["LEARNED", "MessageContext", "MessageLayer", "Pipeline", "TransactionVerdict"]
 
-# Events that count against a source for self-learned reputation. Unknown
-# recipients are a dictionary attack's trace; spam and virus come from the
-# later layers.
-LEARNED: frozenset[str] = LEARNED_EVENTS | {"unknown_recipient"}
+# Events that count against a source for self-learned reputation
+# (`kithmail.layers.reputation.LEARNED_EVENTS`).
+LEARNED: frozenset[str] = LEARNED_EVENTS
 
 # Least to most severe: when several verdicts act, the most severe decides.
 SEVERITY = (Action.ACCEPT, Action.TAG, Action.QUARANTINE, Action.DEFER, Action.REJECT)

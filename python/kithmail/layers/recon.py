@@ -118,6 +118,12 @@ async def check(
         return _accept("recon.exempt_recipient")
 
     r = core.recon.check(client_ip, now)
+    if r.lapsed:
+        # Its last deferral was never retried: what spam engines leave
+        # behind, counted for self-learned reputation (which may tag or
+        # defer, never reject unless an admin says so).
+        with contextlib.suppress(InvalidInputError):
+            core.reputation.record(client_ip, "never_retried", now)
     if r.status in ("known", "exempt"):
         return _accept(f"recon.{r.status}")
     if r.status == "passed":

@@ -46,7 +46,10 @@ log = logging.getLogger("kithmail.reputation")
 
 # The core's event counters that count against an address (other layers
 # record them with `core.reputation.record(ip, event, now)`).
-LEARNED_EVENTS: frozenset[str] = frozenset({"spam", "virus"})
+# `unknown_recipient`: an RCPT to a user who does not exist (a dictionary
+# attack's trace); `never_retried`: a Recon deferral the source never
+# retried within the retry window (what a spam engine leaves behind).
+LEARNED_EVENTS: frozenset[str] = frozenset({"spam", "virus", "unknown_recipient", "never_retried"})
 
 _LISTED = ipaddress.IPv4Network("127.0.0.0/8")
 _REFUSED = ipaddress.IPv4Network("127.255.255.0/24")

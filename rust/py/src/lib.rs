@@ -184,13 +184,18 @@ impl ReconResult {
     fn recorded(&self) -> bool {
         self.o.recorded
     }
+    #[getter]
+    fn lapsed(&self) -> bool {
+        self.o.lapsed
+    }
     fn __repr__(&self) -> String {
         format!(
-            "ReconResult(status={:?}, first_seen={}, pass_until={}, recorded={})",
+            "ReconResult(status={:?}, first_seen={}, pass_until={}, recorded={}, lapsed={})",
             self.o.status.as_str(),
             self.o.first_seen,
             self.o.pass_until,
-            if self.o.recorded { "True" } else { "False" }
+            if self.o.recorded { "True" } else { "False" },
+            if self.o.lapsed { "True" } else { "False" }
         )
     }
 }

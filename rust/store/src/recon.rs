@@ -73,6 +73,15 @@ pub struct Outcome {
     pub pass_until: u64,
     /// False when a new source was not remembered (IPv6 /48 cap, full map).
     pub recorded: bool,
+    /// A `New` answer for a source deferred before that never retried within
+    /// the retry window: its earlier deferral lapsed (self-learned reputation
+    /// counts these).
+    pub lapsed: bool,
+}
+
+/// Whether a `New` answer from `base` is a lapsed deferral (seen, never passed).
+fn lapsed(status: Status, base: Option<Row>) -> bool {
+    status == Status::New && base.is_some_and(|r| r.pass_until == 0)
 }
 
 #[derive(Default)]
@@ -182,6 +191,7 @@ impl Core {
                 first_seen: 0,
                 pass_until: 0,
                 recorded: false,
+                lapsed: false,
             }));
         }
         let k = self.masked(ip);
@@ -196,6 +206,7 @@ impl Core {
                     first_seen: r.first_seen,
                     pass_until: r.pass_until,
                     recorded: true,
+                    lapsed: false,
                 }));
             }
         }
@@ -240,6 +251,7 @@ impl Core {
                     first_seen: row.first_seen,
                     pass_until: row.pass_until,
                     recorded,
+                    lapsed: lapsed(status, base),
                 });
             }
             Ok(())
@@ -351,6 +363,7 @@ impl Core {
                     first_seen: 0,
                     pass_until: 0,
                     recorded: false,
+                    lapsed: false,
                 });
             }
             let base = match buffered {
@@ -367,6 +380,7 @@ impl Core {
                 first_seen: row.first_seen,
                 pass_until: row.pass_until,
                 recorded: status != Status::New || !self.map_full.load(Ordering::Relaxed),
+                lapsed: lapsed(status, base),
             })
         })
     }
@@ -717,6 +731,23 @@ mod tests {
     const MD: u64 = 60;
     const RW: u64 = 3600;
     const TTL: u64 = 30 * 86400;
+
+    #[test]
+    fn a_deferral_never_retried_lapses() {
+        let (s, r, _) = decide(None, 1000, MD, RW, TTL);
+        assert!(!lapsed(s, None), "a first sighting is new, not lapsed");
+        let (s, fresh, _) = decide(Some(r), 1000 + RW + 1, MD, RW, TTL);
+        assert_eq!(s, Status::New);
+        assert!(lapsed(s, Some(r)), "no retry within the window: lapsed");
+        let (_, passed, _) = decide(Some(r), 1000 + MD, MD, RW, TTL);
+        let (s, _, _) = decide(Some(passed), 1000 + MD + TTL + 1, MD, RW, TTL);
+        assert_eq!(s, Status::New);
+        assert!(
+            !lapsed(s, Some(passed)),
+            "an expired pass is new again, not lapsed"
+        );
+        assert_eq!(fresh.first_seen, 1000 + RW + 1);
+    }
 
     #[test]
     fn the_cycle() {
