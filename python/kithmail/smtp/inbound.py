@@ -166,6 +166,7 @@ class _Rcpt:
     path: Path
     verdicts: list[Verdict]
     sav_token: str | None = None  # a reply to this SAV challenge token
+    user: str = ""  # the local user it names (+tag mapped), found once at RCPT
     journal: bool = False  # a journal copy: teaches, never delivered
 
 
@@ -707,10 +708,11 @@ class InboundSession(SMTP):
         # user or not, and goes downstream as addressed. The layers still
         # judge it: a way past them for one well-known address would be
         # the first thing spam tried.
+        found = gw.find_user(path.folded)
         if (
             gw.settings.domains.verify_recipients == "users"
             and not path.postmaster
-            and gw.find_user(path.folded) is None
+            and found is None
         ):
             self._learn("unknown_recipient", now)
             return str(unknown_recipient().reply), "recipient.unknown"
@@ -741,7 +743,7 @@ class InboundSession(SMTP):
                     "recipient.unverified",
                 )
         tx.policy = policy
-        tx.rcpts.append(_Rcpt(path, verdicts))
+        tx.rcpts.append(_Rcpt(path, verdicts, user=_user_address(found, path)))
         return None
 
     async def _spf_step(self, tx: _Transaction, policy: TenantPolicy) -> tuple[str, str] | None:
@@ -760,15 +762,6 @@ class InboundSession(SMTP):
         if tx.spf is not None and tx.spf.acts and tx.spf.action in (Action.DEFER, Action.REJECT):
             return str(rcpt_reply(tx.spf)), tx.spf.reason
         return None
-
-    def _user_of(self, path: Path) -> str:
-        """The local user a recipient names (its +tag mapped), or the folded address."""
-        user = self.gw.find_user(path.folded)
-        address = getattr(user, "address", None)
-        if isinstance(address, str):
-            return address
-        local, _, domain = path.folded.rpartition("@")
-        return f"{local.split('+', 1)[0]}@{domain}"
 
     def _learn(self, event: str, now: int) -> None:
         if self.trusted:
@@ -905,7 +898,7 @@ class InboundSession(SMTP):
         decided = dict(
             zip(
                 (id(r) for r in local),
-                gw.pipeline.recipients(ctx, [self._user_of(r.path) for r in local]),
+                gw.pipeline.recipients(ctx, [r.user for r in local]),
                 strict=True,
             )
         )
@@ -1080,6 +1073,15 @@ def _auth_header(auth: AuthResults, authserv_id: str) -> list[bytes]:
     ):
         raise ValueError("Authentication-Results value folds badly")
     return [f"Authentication-Results: {value}\r\n".encode()]
+
+
+def _user_address(found: Any, path: Path) -> str:
+    """The local user a recipient names (its +tag mapped), or the folded address."""
+    address = getattr(found, "address", None)
+    if isinstance(address, str):
+        return address
+    local, _, domain = path.folded.rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"
 
 
 def _tag_headers(verdicts: list[Verdict]) -> list[bytes]:
