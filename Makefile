@@ -12,7 +12,7 @@ MATURIN_VER := 1.16.0
 RUST_SRC    := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 STAMP       := $(VENV)/.built-debug
 # Debian packages the tests drive for real (installed by `make test` when missing).
-DEB_PACKAGES := dnsmasq postfix swaks knot clamav-daemon
+DEB_PACKAGES := dnsmasq postfix swaks knot clamav-daemon chromium prometheus
 # ... and those the benchmarks compare against (installed by `make bench`).
 BENCH_DEB_PACKAGES := postgrey clamdscan
 

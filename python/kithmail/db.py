@@ -375,10 +375,94 @@ def _v2_quarantine_challenges_audit(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v3_web_overrides_stats(conn: sqlite3.Connection) -> None:
+    """Web sessions and API tokens, policy overrides, user preferences, daily stats.
+
+    Sessions are server-side: the cookie holds a random token and the table
+    its SHA-256, with the user's `password_changed` at login, so a password
+    change (or a disabled or removed user) ends every session at once.
+    API tokens likewise store only a hash. Overrides are DESIGN.md's global
+    (scope '') and tenant (scope = tenant name) layers of policy, one row per
+    dotted key (`spf.softfail`) with its value as JSON; the `overrides`
+    generation moves on every change so each worker re-merges within a
+    second. `stats_daily`/`stats_sources` are the dashboard's per-day
+    counters, flushed from memory by each worker. `used_tokens` makes the
+    digest's one-action links single use.
+    """
+    for statement in (
+        """CREATE TABLE sessions (
+            id               TEXT PRIMARY KEY,
+            user_id          INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            csrf             TEXT NOT NULL,
+            password_changed INTEGER NOT NULL,
+            created          INTEGER NOT NULL,
+            last_seen        INTEGER NOT NULL,
+            expires_at       INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX sessions_by_user ON sessions(user_id)",
+        "CREATE INDEX sessions_by_expiry ON sessions(expires_at)",
+        """CREATE TABLE api_tokens (
+            id         INTEGER PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            name       TEXT NOT NULL,
+            user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created    INTEGER NOT NULL,
+            last_used  INTEGER NOT NULL DEFAULT 0,
+            expires_at INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX api_tokens_by_user ON api_tokens(user_id)",
+        """CREATE TABLE overrides (
+            scope      TEXT NOT NULL,
+            key        TEXT NOT NULL,
+            value      TEXT NOT NULL,
+            changed_at INTEGER NOT NULL,
+            changed_by TEXT NOT NULL,
+            PRIMARY KEY (scope, key)
+        ) WITHOUT ROWID""",
+        "INSERT INTO generations (name, n) VALUES ('overrides', 0)",
+        """CREATE TRIGGER overrides_inserted AFTER INSERT ON overrides BEGIN
+            UPDATE generations SET n = n + 1 WHERE name = 'overrides';
+        END""",
+        """CREATE TRIGGER overrides_updated AFTER UPDATE ON overrides BEGIN
+            UPDATE generations SET n = n + 1 WHERE name = 'overrides';
+        END""",
+        """CREATE TRIGGER overrides_deleted AFTER DELETE ON overrides BEGIN
+            UPDATE generations SET n = n + 1 WHERE name = 'overrides';
+        END""",
+        """CREATE TABLE user_prefs (
+            user_id     INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            digest      INTEGER NOT NULL DEFAULT 1 CHECK (digest IN (0, 1)),
+            digest_last INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE stats_daily (
+            day    TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            layer  TEXT NOT NULL,
+            action TEXT NOT NULL,
+            n      INTEGER NOT NULL,
+            PRIMARY KEY (day, tenant, layer, action)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE stats_sources (
+            day    TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            source TEXT NOT NULL,
+            action TEXT NOT NULL,
+            n      INTEGER NOT NULL,
+            PRIMARY KEY (day, tenant, source, action)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE used_tokens (
+            nonce      TEXT PRIMARY KEY,
+            expires_at INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+    ):
+        conn.execute(statement)
+
+
 # Entry i takes the schema from version i to i + 1; append, never edit.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _v1_tenants_domains_users,
     _v2_quarantine_challenges_audit,
+    _v3_web_overrides_stats,
 )
 
 

@@ -196,16 +196,11 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
         log.warning("test hooks on: the clock follows %s", data_dir / "test-clock")
 
     n = settings.server.workers
-    web = settings.server.listeners.web[0] if settings.server.listeners.web else None
+    # Worker 0 serves the web listener (UI, API, /healthz, /readyz, /metrics);
+    # with several workers /metrics merges their multiprocess files.
     if n <= 1:
-        if web:
-            serve_metrics(web, multiprocess=False)
-            log.info("metrics on http://%s/metrics", web)
         return _gateway_worker(settings, context, clock, index=0, reuse_port=False)
     multiprocess_dir(data_dir)
-    if web:
-        serve_metrics(web, multiprocess=True)
-        log.info("metrics on http://%s/metrics (merged from %d workers)", web, n)
     return fork_workers(
         n, lambda i: _gateway_worker(settings, context, clock, index=i, reuse_port=True)
     )
@@ -463,6 +458,25 @@ async def _run_gateway(
             log.info("policy service on %s (pid %d)", spec, os.getpid())
     sweeper: asyncio.Task[None] | None = None
     public: asyncio.Task[None] | None = None
+    web: asyncio.Task[None] | None = None
+    if index == 0 and settings.server.listeners.web:
+        from kithmail.web import Services, serve_web
+        from kithmail.web import make_app as make_web_app
+
+        services = Services(
+            settings=lambda: settings,
+            policies=lambda: policies,
+            database=database,
+            quarantine=quarantine,
+            spool=spool,
+            core=core,
+            clock=clock,
+            data_dir=data_dir,
+            multiprocess_metrics=settings.server.workers > 1,
+        )
+        web = asyncio.create_task(serve_web(make_web_app(services), settings.server.listeners.web))
+        for spec in settings.server.listeners.web:
+            log.info("web UI, API and /metrics on http://%s (pid %d)", spec, os.getpid())
     if queue is not None:
         await queue.start()
         sweeper = asyncio.create_task(_sweep_quarantine(quarantine, sav))
@@ -481,7 +495,7 @@ async def _run_gateway(
     deadline = loop.time() + 30
     while gw.sessions > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    for task in (sweeper, public):
+    for task in (sweeper, public, web):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
