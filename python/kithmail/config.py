@@ -484,6 +484,32 @@ class Policy(_Section):
     )
 
 
+class Web(_Section):
+    """The internal web listener's UI and API: sessions, logins, uploads, TLS."""
+
+    tls: bool = Field(
+        False,
+        description="Serve the web listener over HTTPS with [server] tls_cert/tls_key "
+        "(self-signed when unset); session cookies are then Secure",
+    )
+    session_ttl: Duration = Field(
+        12 * 3600.0, description="A login lasts at most this long, however active"
+    )
+    idle_timeout: Duration = Field(
+        3600.0, description="A session unused this long ends (the user logs in again)"
+    )
+    login_window: Duration = Field(
+        900.0, description="The window in which failed logins are counted"
+    )
+    login_failures_per_ip: int = Field(
+        30, ge=1, description="Failed logins from one IP per window before 429"
+    )
+    login_failures_per_account: int = Field(
+        10, ge=1, description="Failed logins for one account per window before 429"
+    )
+    max_upload: Size = Field(1024**2, description="Largest community CSV import accepted (bytes)")
+
+
 class Settings(_Section):
     """Everything a kithmail process needs to know, validated once."""
 
@@ -503,6 +529,7 @@ class Settings(_Section):
     community: Community = Field(default_factory=Community)
     submission: Submission = Field(default_factory=Submission)
     policy: Policy = Field(default_factory=Policy)
+    web: Web = Field(default_factory=Web)
     source: str = Field("<embedded default>", exclude=True)
 
     @property

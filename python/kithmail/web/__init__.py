@@ -1,8 +1,22 @@
 """The internal web listener: the browser UI, the JSON API under /api/v1, health and /metrics.
 
 Served by uvicorn inside gateway worker 0's event loop on `[server]
-listeners.web` (127.0.0.1:8025 by default). `make_app(services)` builds the
-FastAPI application; `serve_web` runs it until cancelled.
+listeners.web` (127.0.0.1:8025 by default), over HTTPS when ``[web] tls``.
+`make_app(services)` builds the FastAPI application; `serve_web` runs it
+until cancelled.
+
+The pieces: `kithmail.web.auth` (sessions, API tokens, who may see whom),
+`kithmail.web.security` (headers on every answer, CSRF), `templating`
+(server-rendered pages), `user` (the user's pages), `api` (the JSON API
+under /api/v1, described by /api/v1/openapi.json), the admin half, and
+`health` (/healthz, /readyz, /metrics).
+
+Errors: under /api an error is JSON ``{"error": code, "detail": text}``
+with its 4xx status (401 with ``WWW-Authenticate: Bearer`` when not logged
+in); a page's error is a page, and a page that needs a login redirects to
+/login. Nothing reaches the client as a 500 traceback: an unexpected
+exception is logged and answered with a plain 500 that still carries every
+security header.
 """
 
 from __future__ import annotations
@@ -14,9 +28,16 @@ from collections.abc import Iterator, Sequence
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
+from kithmail.web.api import router as api_router
+from kithmail.web.auth import LoginLimiter
+from kithmail.web.errors import install_error_handlers
 from kithmail.web.health import router as health_router
+from kithmail.web.security import SecurityHeaders
 from kithmail.web.services import Services
+from kithmail.web.templating import STATIC_DIR
+from kithmail.web.user import router as user_router
 
 __all__ = ["Services", "make_app", "serve_web"]
 
@@ -31,7 +52,15 @@ def make_app(services: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
+    app.state.login_limiter = LoginLimiter(services.clock)
+    install_error_handlers(app)
+    app.add_middleware(SecurityHeaders)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(health_router)
+    app.include_router(user_router)
+    app.include_router(api_router)
+    # --- the admin half: its routers are included here ---
+    # ---
     return app
 
 
