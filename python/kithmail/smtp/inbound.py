@@ -56,6 +56,7 @@ from kithmail.sav.tokens import parse_reply_address
 from kithmail.smtp import headers as hdr
 from kithmail.smtp.addresses import Path, PathError, parse_path, split_params
 from kithmail.spool import Envelope, Outcome, Recipient, Spool, SpoolError, SpoolFullError
+from kithmail.stats import Stats
 from kithmail.tenants import Policies, TenantPolicy
 
 __all__ = ["Gateway", "InboundSession", "RateWindow"]
@@ -138,6 +139,9 @@ class Gateway:
     # community; the verdict says what it taught. The copy is discarded.
     journal: Callable[[MessageContext], Awaitable[Verdict]] | None = None
     clock: Callable[[], float] = time.time
+    # The dashboard's per-day counters (`kithmail.stats`), fed where each
+    # transaction is logged.
+    stats: Stats | None = None
     sessions: int = 0
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
     conn_rate: RateWindow = field(init=False)
@@ -1062,6 +1066,19 @@ class InboundSession(SMTP):
                 ms=round((time.monotonic() - tx.started) * 1000, 1),
             ),
         )
+        # Inbound mail only: the submission listener names itself in its log fields.
+        if self.gw.stats is not None and not self._log_fields():
+            self.gw.stats.transaction(
+                tenant=tx.policy.tenant if tx.policy else None,
+                client=self.ip,
+                trusted=self.trusted,
+                reply=reply,
+                refused=tx.refused,
+                rcpt_verdicts=[r.verdicts for r in tx.rcpts if not r.journal],
+                message_verdicts=verdicts or (),
+                recipients=outcomes.recipients if outcomes is not None else None,
+                by_policy=result == "refused",
+            )
 
 
 def _auth_header(auth: AuthResults, authserv_id: str) -> list[bytes]:

@@ -294,6 +294,7 @@ async def _run_gateway(
     from kithmail.smtp.inbound import Gateway
     from kithmail.smtp.submission import Submission
     from kithmail.spool import Envelope, Outcome, Spool
+    from kithmail.stats import Stats
     from kithmail.tenants import Policies
 
     loop = asyncio.get_running_loop()
@@ -334,6 +335,8 @@ async def _run_gateway(
         ).check
     policies = Policies(settings, database.tenant_of)
     quarantine = Quarantine(database, spool, policies=policies, clock=clock)
+    stats = Stats(clock, lambda d: (p.tenant if (p := policies.for_domain(d)) else None))
+    flusher = asyncio.create_task(_flush_stats(stats, database))
     sav = Sav(database, settings, clock=clock)
 
     def user_of(address: str) -> str:
@@ -416,6 +419,7 @@ async def _run_gateway(
         sav_token_ok=sav_token_ok,
         sav_reply=sav_reply,
         clock=clock,
+        stats=stats,
     )
     submission = Submission(gateway=gw, database=database, core=core, data_dir=data_dir)
     gw.journal = submission.journal  # BCC journal copies on the inbound listener
@@ -474,7 +478,9 @@ async def _run_gateway(
             data_dir=data_dir,
             multiprocess_metrics=settings.server.workers > 1,
         )
-        web = asyncio.create_task(serve_web(make_web_app(services), settings.server.listeners.web))
+        web_app = make_web_app(services)
+        web_app.state.stats = stats  # the dashboard flushes this worker's counts before reading
+        web = asyncio.create_task(serve_web(web_app, settings.server.listeners.web))
         for spec in settings.server.listeners.web:
             log.info("web UI, API and /metrics on http://%s (pid %d)", spec, os.getpid())
     if queue is not None:
@@ -502,7 +508,24 @@ async def _run_gateway(
                 await task
     if queue is not None:
         await queue.stop(10)
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await flusher
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(stats.flush_sync, database)
     database.close()
+
+
+async def _flush_stats(stats: Any, database: Any, every: float = 10.0) -> None:
+    """The dashboard's counters (`kithmail.stats`) into the database, every few seconds."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(stats.flush_sync, database)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stats flush failed; the counts are kept for the next one")
 
 
 async def _sweep_quarantine(quarantine: Any, sav: Any, every: float = 60.0) -> None:
