@@ -18,6 +18,7 @@ Trusts: the client address and the folded addresses it is given (parsed by
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +44,10 @@ __all__ = ["LEARNED", "MessageContext", "MessageLayer", "Pipeline", "Transaction
 # Events that count against a source for self-learned reputation
 # (`kithmail.layers.reputation.LEARNED_EVENTS`).
 LEARNED: frozenset[str] = LEARNED_EVENTS
+
+# Distinct [reputation] sections whose layer objects are kept (tenants
+# with overrides of their own each have one).
+REPUTATIONS_KEPT = 1024
 
 # Least to most severe: when several verdicts act, the most severe decides.
 SEVERITY = (Action.ACCEPT, Action.TAG, Action.QUARANTINE, Action.DEFER, Action.REJECT)
@@ -143,9 +148,14 @@ class Pipeline:
         self.community = community
         self.trusted = _net_list(settings.domains.trusted_networks)
         self.upstreams = _net_list(settings.server.trusted_upstreams)
-        # One Reputation per distinct [reputation] section in force; today
-        # every tenant has the file's.
-        self._reputation: dict[int, Reputation] = {}
+        # One Reputation per distinct [reputation] section in force (the
+        # file's, or a tenant's with overrides), keyed by the section's id
+        # with the section itself kept beside it: an id alone may be reused
+        # by a new section once an old one is freed after a reload or an
+        # override change. Bounded: least recently used goes first.
+        self._reputation: collections.OrderedDict[int, tuple[config.Reputation, Reputation]] = (
+            collections.OrderedDict()
+        )
 
     def is_trusted(self, ip: str) -> bool:
         return in_networks(ip, self.trusted)
@@ -154,13 +164,16 @@ class Pipeline:
         return in_networks(ip, self.upstreams)
 
     def reputation(self, policy: TenantPolicy) -> Reputation:
-        key = id(policy.settings.reputation)
-        rep = self._reputation.get(key)
-        if rep is None:
-            rep = Reputation(
-                self.core, policy.settings.reputation, self.resolver, learned_events=LEARNED
-            )
-            self._reputation[key] = rep
+        section = policy.settings.reputation
+        key = id(section)
+        hit = self._reputation.get(key)
+        if hit is not None and hit[0] is section:
+            self._reputation.move_to_end(key)
+            return hit[1]
+        rep = Reputation(self.core, section, self.resolver, learned_events=LEARNED)
+        self._reputation[key] = (section, rep)
+        while len(self._reputation) > REPUTATIONS_KEPT:
+            self._reputation.popitem(last=False)
         return rep
 
     def _timed(self, layer: str, t0: float) -> None:

@@ -141,6 +141,15 @@ class Sav:
         self._clock = clock
         self._key = key if key is not None else load_key(settings.server.data_dir)
         self._signers: dict[str, Signer] = {}
+        # A tenant's settings with its overrides (`Policies.for_tenant`):
+        # whether to challenge and how often follow the tenant's [community];
+        # None: `settings` for every tenant.
+        self.settings_for: Callable[[str], config.Settings] | None = None
+
+    def _community(self, tenant: str) -> config.Community:
+        if self.settings_for is not None and tenant:
+            return self.settings_for(tenant).community
+        return self.settings.community
 
     # --- tokens ---
 
@@ -227,9 +236,9 @@ class Sav:
         `challenge`.
         """
         when = self._clock() if now is None else now
-        folded_sender, domain, reason = self._precheck(sender, headers, auth)
+        folded_sender, domain, reason = self._precheck(sender, headers, auth, tenant)
         if reason is None:
-            reason = self._limit(folded_sender, domain, user, when)
+            reason = self._limit(folded_sender, domain, user, when, tenant=tenant)
         if reason is not None:
             with self.db.write() as conn:
                 self._suppress(conn, tenant, user, folded_sender, domain, queue_id, when, reason)
@@ -237,10 +246,10 @@ class Sav:
         return True, "sav.challenge"
 
     def _precheck(
-        self, sender: str, headers: Headers, auth: AuthResults
+        self, sender: str, headers: Headers, auth: AuthResults, tenant: str = ""
     ) -> tuple[str, str, str | None]:
         """(folded sender, its domain, the first rule that refuses or None): no database."""
-        if not self.settings.community.sav:
+        if not self._community(tenant).sav:
             return sender, "", "sav.disabled"
         if not sender:
             return "", "", "sav.null_sender"
@@ -271,9 +280,11 @@ class Sav:
         user: str,
         now: float,
         conn: sqlite3.Connection | None = None,
+        *,
+        tenant: str = "",
     ) -> str | None:
         """The interval and rate rules, counted from the table; None when they allow one more."""
-        c = self.settings.community
+        c = self._community(tenant)
         read: Read = self.db.read if conn is None else _reader(conn)
         since = now - c.challenge_interval
         if read(
@@ -424,7 +435,7 @@ class Sav:
 
         def record() -> str | None:
             with self.db.write() as conn:
-                reason = self._limit(folded, domain, user, when, conn)
+                reason = self._limit(folded, domain, user, when, conn, tenant=tenant)
                 if reason is not None:
                     self._suppress(conn, tenant, user, folded, domain, queue_id, when, reason)
                     return reason

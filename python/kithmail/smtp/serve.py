@@ -295,6 +295,7 @@ async def _run_gateway(
     from kithmail.smtp.submission import Submission
     from kithmail.spool import Envelope, Outcome, Spool
     from kithmail.stats import Stats
+    from kithmail.overrides import Overrides
     from kithmail.tenants import Policies
 
     loop = asyncio.get_running_loop()
@@ -333,11 +334,15 @@ async def _run_gateway(
             negative_ttl=settings.domains.callahead_negative_ttl,
             timeout=settings.domains.callahead_timeout,
         ).check
-    policies = Policies(settings, database.tenant_of)
+    # Policy: the file's settings, then the database's global and tenant
+    # overrides over them (`kithmail.overrides`); a SIGHUP swaps the file's.
+    overrides = Overrides(database, lambda: policies.settings)
+    policies = Policies(settings, database.tenant_of, overrides)
     quarantine = Quarantine(database, spool, policies=policies, clock=clock)
     stats = Stats(clock, lambda d: (p.tenant if (p := policies.for_domain(d)) else None))
     flusher = asyncio.create_task(_flush_stats(stats, database))
     sav = Sav(database, settings, clock=clock)
+    sav.settings_for = lambda tenant: policies.for_tenant(tenant).settings
 
     def user_of(address: str) -> str:
         found = database.find_user(address)
@@ -477,6 +482,7 @@ async def _run_gateway(
             clock=clock,
             data_dir=data_dir,
             multiprocess_metrics=settings.server.workers > 1,
+            overrides=overrides,
         )
         web_app = make_web_app(services)
         web_app.state.stats = stats  # the dashboard flushes this worker's counts before reading

@@ -47,3 +47,6 @@ class Services:
     # Called after a change that running parts must see at once (an
     # override, a tenant's domain); may be None.
     on_policy_change: Callable[[], Awaitable[None]] | None = None
+    # kithmail.overrides.Overrides: the database's global and tenant policy
+    # overrides (get/set/unset/explain); None when not wired.
+    overrides: Any = None
