@@ -238,6 +238,13 @@ class Server(_Section):
     spool_reserve: Size = Field(
         64 * 1024**2, description="Free space the spool keeps; below it, 452 4.3.1"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines on stderr: text (one escaped line per event) or json (one object)",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe level logged"
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Server:

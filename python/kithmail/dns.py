@@ -9,6 +9,9 @@ server failure (SERVFAIL, REFUSED, unreachable), or a malformed name or
 reply. A timeout or a failure is a result, never a hang and never an
 exception (STYLE.md §5); only a bug raises.
 
+Every query sent is counted in `kithmail_dns_queries_total{type,result}`
+and timed in `kithmail_dns_query_seconds{type}` (`kithmail.metrics`).
+
 Trusts nothing in an answer: what it returns is capped (`max_records`
 records, `max_bytes` bytes of data), and a capped result says so.
 
@@ -24,6 +27,7 @@ import asyncio
 import enum
 import ipaddress
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
@@ -41,7 +45,7 @@ from dns.rdtypes.ANY.TXT import TXT as TXTRdata
 from dns.rdtypes.IN.A import A as ARdata
 from dns.rdtypes.IN.AAAA import AAAA as AAAARdata
 
-from kithmail import config
+from kithmail import config, metrics
 
 __all__ = ["MX", "Resolver", "Result", "Status", "parse_nameserver"]
 
@@ -214,6 +218,18 @@ class Resolver:
         return Result(r.name, r.rdtype, r.status, ordered, r.detail, r.capped)
 
     async def _lookup(
+        self,
+        name: str,
+        rdtype: dns.rdatatype.RdataType,
+        convert: Callable[[dns.rdata.Rdata], tuple[T, int]],
+    ) -> Result[T]:
+        t0 = time.perf_counter()
+        r = await self._ask(name, rdtype, convert)
+        if r.status is not Status.MALFORMED or r.detail[:9] != "bad name:":  # nothing was sent
+            metrics.dns_query(r.rdtype, r.status.value, time.perf_counter() - t0)
+        return r
+
+    async def _ask(
         self,
         name: str,
         rdtype: dns.rdatatype.RdataType,

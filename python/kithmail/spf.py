@@ -16,7 +16,8 @@ PTR names looked at, at most 2 void lookups; going past any of them is
 
 Trusts nothing in DNS answers: pyspf parses and bounds them, and what this
 module hands back is plain data. A timeout or a server failure is
-`temperror`, a result, never a hang.
+`temperror`, a result, never a hang. Each query is counted with the
+resolver's (`kithmail_dns_queries_total`, `kithmail.metrics.dns_query`).
 Standards: RFC 7208 (SPF; §2.3 HELO, §2.4 MAIL FROM, §4.6.4 limits), RFC 1035.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -34,6 +36,7 @@ import dns.name
 import dns.resolver
 import spf as pyspf
 
+from kithmail import metrics
 from kithmail.dns import EDNS_PAYLOAD, parse_nameserver
 from kithmail.layers.recon import SpfAnswer
 
@@ -86,6 +89,11 @@ def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> 
     """
     resolver = _resolver.get()
     out: list[Any] = []
+    t0 = time.perf_counter()
+
+    def counted(result: str) -> None:
+        metrics.dns_query(qtype, result, time.perf_counter() - t0)
+
     try:
         answer = resolver.resolve(
             name,
@@ -95,17 +103,24 @@ def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> 
             search=False,
         )
     except dns.resolver.NXDOMAIN:
+        counted("nxdomain")
         return out
     except dns.exception.Timeout:
+        counted("timeout")
         raise pyspf.TempError(f"DNS timeout asking {qtype} {name}") from None
     except dns.resolver.NoNameservers as e:
         if _cname_loop(e):
+            counted("malformed")
             return out
+        counted("failure")
         raise pyspf.TempError(f"DNS server failure asking {qtype} {name}") from None
     except dns.exception.DNSException as e:
+        counted("malformed")
         raise pyspf.TempError(f"DNS {type(e).__name__} asking {qtype} {name}") from None
     if answer.rrset is None:
+        counted("nodata")
         return out
+    counted("answer")
     for rdata in answer.rrset:
         r = cast(Any, rdata)
         if qtype in ("A", "AAAA"):

@@ -84,7 +84,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
-from kithmail import config
+from kithmail import config, metrics
 from kithmail._core import Core, InvalidInputError, normalize_address
 from kithmail.db import Database, InvalidError, fold_address
 from kithmail.layers import Action, Layer, Verdict
@@ -995,6 +995,8 @@ class Quarantine:
                 if self._finish(h.queue_id):
                     removed += 1
             self._audit(RETENTION_ACTOR, "quarantine.expire", h, f"days={days}")
+        if deleted:
+            metrics.quarantine_expired(deleted)
         return Swept(deleted, removed, kept, more=len(rows) == limit)
 
     # ------------------------------------------------------------ async twins

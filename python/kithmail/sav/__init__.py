@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
-from kithmail import config
+from kithmail import config, metrics
 from kithmail.db import Database, InvalidError, fold_address, fold_domain
 from kithmail.dkimkeys import Signer, signer_for, unsigned
 from kithmail.layers.spoofing.own import own_domain
@@ -326,6 +326,7 @@ class Sav:
             (tenant, user, sender, domain, queue_id, new_nonce(), int(now), int(now), reason),
         )
         _note(conn, queue_id, user, reason)
+        metrics.sav_suppressed(reason, REASONS)
         log.info(
             "no SAV challenge to <%s> for %s about %s: %s",
             _printable(sender),
@@ -474,6 +475,7 @@ class Sav:
         except BaseException:
             await asyncio.shield(asyncio.to_thread(self._forget, nonce))
             raise
+        metrics.sav_challenge("sent")
         log.info("SAV challenge %s to <%s> for %s about %s", challenge_id, folded, user, queue_id)
         return challenge_id, "sav.challenge"
 
@@ -627,6 +629,7 @@ class Sav:
             target=data.user,
             detail=f"via {via}; held {data.queue_id}",
         )
+        metrics.sav_challenge("verified")
         log.info("SAV: <%s> confirmed for %s via %s", data.sender, data.user, via)
         return True
 
@@ -668,6 +671,7 @@ class Sav:
                 "DELETE FROM challenges WHERE sent_at < ? AND expires_at <= ?",
                 (int(when - keep), int(when)),
             ).rowcount
+        metrics.sav_challenge("expired", expired)
         return expired, deleted
 
 

@@ -39,7 +39,7 @@ def serve_policy(settings: config.Settings) -> int:
     every listener with SO_REUSEPORT; the parent forwards SIGTERM/SIGINT and
     waits for them.
     """
-    setup_logging()
+    setup_logging(settings)
     n = settings.server.workers
     web = settings.server.listeners.web[0]
     if n <= 1:
@@ -161,7 +161,7 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
     from kithmail import tls
     from kithmail.spool import Spool
 
-    setup_logging()
+    setup_logging(settings)
     data_dir = settings.server.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     database = dbmod.Database.open(data_dir / "kithmail.db")
