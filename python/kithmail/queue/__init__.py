@@ -210,6 +210,17 @@ class Queue:
 
     # ------------------------------------------------------------ the face
 
+    def reload(self, settings: config.Settings) -> None:
+        """New settings (SIGHUP): lifetime, backoff, concurrency, timeout and routes.
+
+        Deliveries in flight finish as they began; every attempt from now
+        on follows the new settings.
+        """
+        self._settings = settings
+        self._local = frozenset(settings.domains.local)
+        self._downstream = parse_target(settings.domains.downstream)
+        self._outbound = parse_target(settings.domains.outbound)
+
     async def start(self) -> None:
         """Schedule every message already in the spool and start delivering.
 

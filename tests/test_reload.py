@@ -1,0 +1,164 @@
+"""SIGHUP: `kith serve -c FILE` re-reads FILE in every worker, without a restart.
+
+What an operator checks: after editing the file and sending SIGHUP, the
+next command on an SMTP session that stayed open is answered by the new
+settings (an SPF softfail, served by a real dnsmasq, refused instead of
+held); a change of listener is logged as needing a restart and the old
+port goes on serving; a file that does not validate keeps the old
+settings and the log names the file and the key; with two workers both
+reload; with no file there is nothing to re-read and the server says so
+and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dns_server import Dnsmasq, StartDnsmasq
+from gateway import Client, Gateway, free_port, run, running_gateway
+
+from kithmail import config
+from kithmail.reload import reload_once
+
+OUTSIDE = "127.0.0.70"
+SOFT = ("soft.test", "v=spf1 ip4:192.0.2.0/24 ~all")  # 127.0.0.70 is not in it: softfail
+APPLIED = re.compile(r"reload: the settings of \S+ are in force \(pid (\d+)\)")
+
+
+@pytest.fixture
+def zones(dnsmasq: StartDnsmasq) -> Dnsmasq:
+    return dnsmasq(zones=("soft.test",), txt=[SOFT])
+
+
+def _sections(zones: Dnsmasq, **server: object) -> dict[str, dict[str, object]]:
+    return {
+        "server": dict(server),
+        "dns": {"nameservers": [zones.address], "timeout": "1s"},
+        "recon": {"exempt_networks": ["127.0.0.0/24"]},
+        "spf": {"softfail": "quarantine"},
+    }
+
+
+@pytest.fixture
+def gw(tmp_path: Path, zones: Dnsmasq) -> Iterator[Gateway]:
+    with running_gateway(tmp_path / "gw", sections=_sections(zones)) as g:
+        yield g
+
+
+def _edit(gw: Gateway, old: str, new: str) -> None:
+    text = gw.config.read_text()
+    assert text.count(old) == 1, (old, text)
+    gw.config.write_text(text.replace(old, new))
+
+
+def _hup(gw: Gateway) -> None:
+    assert gw.proc is not None
+    os.kill(gw.proc.pid, signal.SIGHUP)
+
+
+def _applied(gw: Gateway) -> list[str]:
+    return APPLIED.findall(gw.log_text())
+
+
+async def _rcpt(c: Client, sender: str, rcpt: str) -> str:
+    await c.cmd(f"MAIL FROM:<{sender}>")
+    reply = str(await c.cmd(f"RCPT TO:<{rcpt}>"))
+    await c.cmd("RSET")
+    return reply
+
+
+def test_sighup_applies_the_file_to_a_session_that_stays_open(gw: Gateway) -> None:
+    async def go() -> None:
+        c, greeting = await Client.connect(gw.port, OUTSIDE)
+        assert greeting is not None and greeting.code == 220
+        assert (await c.cmd("EHLO client.example")).code == 250
+        before = await _rcpt(c, "y@soft.test", "ann@example.test")
+        assert before.startswith("250"), before  # softfail: quarantine, accepted at RCPT
+
+        _edit(gw, 'softfail = "quarantine"', 'softfail = "reject"')
+        _edit(gw, f"127.0.0.1:{gw.port}", f"127.0.0.1:{free_port()}")
+        _hup(gw)
+        await asyncio.to_thread(gw.wait_for, "the reload", lambda: _applied(gw))
+
+        after = await _rcpt(c, "y@soft.test", "ann@example.test")
+        assert after.startswith("550 5.7.23 SPF softfail"), after
+        await c.cmd("QUIT")
+        await c.close()
+
+    run(go())
+    assert gw.proc is not None and gw.proc.poll() is None
+    log = gw.log_text()
+    assert "reload: server.listeners changed in" in log and "needs a restart" in log
+
+    # The old port still serves: the listeners were not touched.
+    async def greet() -> int:
+        c, greeting = await Client.connect(gw.port, OUTSIDE)
+        await c.close()
+        return greeting.code if greeting is not None else 0
+
+    assert run(greet()) == 220
+
+
+def test_sighup_with_an_invalid_file_keeps_the_old_settings_and_says_why(gw: Gateway) -> None:
+    _edit(gw, 'softfail = "quarantine"', 'softfail = "bounce"')
+    _hup(gw)
+    line = gw.wait_for(
+        "the refusal in the log",
+        lambda: next((x for x in gw.log_text().splitlines() if "reload refused" in x), None),
+    )
+    assert str(gw.config) in line and "`spf.softfail`" in line, line
+    assert _applied(gw) == []
+
+    async def probe() -> str:
+        c, _ = await Client.connect(gw.port, OUTSIDE)
+        try:
+            await c.cmd("EHLO client.example")
+            return await _rcpt(c, "y@soft.test", "ann@example.test")
+        finally:
+            await c.close()
+
+    assert run(probe()).startswith("250")  # still the old softfail = quarantine
+    assert gw.proc is not None and gw.proc.poll() is None
+    # Fixed and signalled again: now it applies.
+    _edit(gw, 'softfail = "bounce"', 'softfail = "reject"')
+    _hup(gw)
+    gw.wait_for("the reload", lambda: _applied(gw))
+    assert run(probe()).startswith("550 5.7.23")
+
+
+def _two(pids: list[str]) -> set[str] | None:
+    return set(pids) if len(set(pids)) == 2 else None
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path, zones: Dnsmasq) -> None:
+    with running_gateway(tmp_path / "gw", sections=_sections(zones, workers=2)) as gw:
+        ready = gw.wait_for(
+            "both workers ready",
+            lambda: _two(re.findall(r"kithmail ready \(pid (\d+)\)", gw.log_text())),
+        )
+        _edit(gw, 'softfail = "quarantine"', 'softfail = "reject"')
+        _hup(gw)
+        reloaded = gw.wait_for("both workers reloaded", lambda: _two(_applied(gw)))
+        assert reloaded == ready
+        assert gw.proc is not None and gw.proc.poll() is None
+
+
+def test_sighup_without_a_file_rereads_nothing_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    applied: list[config.Settings] = []
+
+    async def apply(s: config.Settings) -> None:
+        applied.append(s)
+
+    with caplog.at_level(logging.WARNING, logger="kithmail.reload"):
+        assert asyncio.run(reload_once(config.Settings, apply)) is False
+    assert applied == []
+    assert "nothing to re-read" in caplog.text
