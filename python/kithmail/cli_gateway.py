@@ -25,6 +25,7 @@ def add_commands(
         "kithmail.cli_quarantine",
         "kithmail.cli_serve",
         "kithmail.cli_dkim",
+        "kithmail.cli_digest",
     ):
         try:
             module = importlib.import_module(name)

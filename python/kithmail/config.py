@@ -467,6 +467,28 @@ class Community(_Section):
     )
 
 
+class Digest(_Section):
+    """The daily quarantine digest: to each user, what was newly held for them."""
+
+    enabled: bool = Field(True, description="Send digests (each user may still opt out)")
+    at: str = Field(
+        "08:00",
+        pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$",
+        description="Time of day (HH:MM, the server's local time) the daily digest is sent",
+    )
+    link_ttl: Duration = Field(
+        72 * 3600.0, description="How long a digest's release links work (each works once)"
+    )
+    max_items: int = Field(
+        50, ge=1, le=500, description="Held messages listed in one digest; the rest are counted"
+    )
+    from_local: str = Field(
+        "quarantine",
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        description="Local part of the digest's From address, at the user's domain",
+    )
+
+
 class Submission(_Section):
     journal_address: Annotated[str, BeforeValidator(_journal_address)] | None = Field(
         None,
@@ -534,6 +556,7 @@ class Settings(_Section):
     spoofing: Spoofing = Field(default_factory=Spoofing)
     antivirus: Antivirus = Field(default_factory=Antivirus)
     community: Community = Field(default_factory=Community)
+    digest: Digest = Field(default_factory=Digest)
     submission: Submission = Field(default_factory=Submission)
     policy: Policy = Field(default_factory=Policy)
     web: Web = Field(default_factory=Web)

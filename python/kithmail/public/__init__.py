@@ -1,12 +1,17 @@
 """The public pages: what the outside world reaches on ``[server] listeners.public``.
 
-Today one page: ``/sav/<token>``, where a challenged sender confirms a
-held message with one click. ``GET`` shows the held message's sender and
+Two kinds of page. ``/sav/<token>``, where a challenged sender confirms a
+held message with one click; and ``/digest/<token>``, where a user acts on
+one message listed in their quarantine digest (`kithmail.digest`): release
+it, or allow its sender and release it. Both follow the same rules. ``GET`` shows the held message's sender and
 subject and one button, and changes nothing (link scanners and previews
 follow links with GET); only ``POST`` confirms, with the same effect as a
 reply (`Sav.confirm`, then the caller's ``on_verified``). A token that is
 not one, is forged or unknown gets a polite 404; an expired or spent one a
-410. `serve_public` runs the app with uvicorn inside the current event
+410. A digest link's GET names the action and the message; its POST does
+that one action once (`Digest.check`, then `Digest.act`); a message no
+longer held is a 410, one only an admin may release a 403, and a fault of
+ours a 503 page (the link is then not spent), never a 500. `serve_public` runs the app with uvicorn inside the current event
 loop, on sockets of its own.
 
 Why a POST cannot be forged across sites: there is no ambient authority to
@@ -18,7 +23,8 @@ gateway's key that only a rendered page contains (so a blind POST to a
 link fails), an ``Origin`` (or, without one, a ``Referer``) that is
 ``[server] public_url``'s, and no ``Sec-Fetch-Site: cross-site``.
 
-Trusts nothing of a request: the token is checked by `Sav.check`, the body
+Trusts nothing of a request: the token is checked by `Sav.check` (or
+`Digest.check`), the body
 is read up to 4 KiB, and everything shown (sender, subject) is HTML-escaped
 and cut short. Every answer carries a Content-Security-Policy that allows
 no script, no external resource and no framing, ``X-Frame-Options: DENY``,
@@ -54,6 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kithmail import config
 from kithmail.db import Database
+from kithmail.digest import Action, Digest, Link
 from kithmail.sav import OnVerified, Sav, TokenData
 from kithmail.sav.message import MAX_SUBJECT, clean_text
 
@@ -105,6 +112,53 @@ _NOT_FOUND = (
 )
 
 
+_DIGEST_WHY = {
+    "digest.token_expired": (
+        410,
+        "This link has expired",
+        "The links of a digest work for a limited time. The message may still be in "
+        "your quarantine: ask your administrator, or wait for the next digest.",
+    ),
+    "digest.token_used": (
+        410,
+        "This link was used already",
+        "Each link of a digest works once. Nothing more was done.",
+    ),
+    "digest.not_held": (
+        410,
+        "This message is no longer held",
+        "It was released or deleted already, or its time in the quarantine ran out.",
+    ),
+    "digest.admin_only": (
+        403,
+        "Only an administrator can release this message",
+        "It was held because a virus or dangerous content was found in it.",
+    ),
+    "digest.user_disabled": (
+        403,
+        "This account is disabled",
+        "Links of a disabled account do nothing.",
+    ),
+    "digest.refused": (
+        409,
+        "This cannot be done",
+        "The quarantine refused this action for this message. Nothing was changed.",
+    ),
+}
+_DIGEST_DONE = {
+    "digest.released": ("Released", "The message is on its way to your inbox."),
+    "digest.allowed": (
+        "Sender allowed and released",
+        "The message is on its way to your inbox, with any other message held from the "
+        "same sender; their next messages will be delivered at once.",
+    ),
+}
+_DIGEST_ASK = {
+    Action.RELEASE: ("Release this message?", "Release it"),
+    Action.ALLOW: ("Allow this sender and release?", "Allow the sender and release"),
+}
+
+
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     e = html.escape
     doc = (
@@ -117,8 +171,12 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 
 
 def _refusal(reason: str) -> HTMLResponse:
-    status, title, text = _WHY.get(reason, _NOT_FOUND)
+    status, title, text = _WHY.get(reason) or _DIGEST_WHY.get(reason) or _NOT_FOUND
     return _page(title, f"<p>{html.escape(text)}</p>", status)
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
 class _SecurityHeaders:
@@ -155,6 +213,7 @@ def make_app(
     on_verified: OnVerified | None,
     *,
     sav: Sav | None = None,
+    digest: Digest | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The public pages' ASGI app.
@@ -162,6 +221,7 @@ def make_app(
     ``on_verified(tenant, user, sender)`` is awaited once per confirmed
     challenge (add the sender to the user's community, release their held
     mail); ``sav`` defaults to one made from ``settings`` and ``db``.
+    Without ``digest`` the digest links answer 404.
     """
     s = sav if sav is not None else Sav(db, settings, clock=clock)
     allowed = _origin(settings.server.public_url)
@@ -206,8 +266,8 @@ def make_app(
             return _origin(referer) != allowed
         return False  # neither: not a browser's cross-site form; the token and tag still rule
 
-    async def confirm(request: Request) -> Response:
-        token = str(request.path_params["token"])
+    async def form_of(request: Request) -> dict[str, list[str]] | Response:
+        """The POSTed form, or the refusal: cross-site, not a form, too large."""
         if cross_site(request):
             log.warning(
                 "public page: cross-site POST refused (origin %r)", request.headers.get("origin")
@@ -221,13 +281,25 @@ def make_app(
             body += chunk
             if len(body) > MAX_BODY:
                 return _page("Bad request", "<p>That request is too large.</p>", 413)
-        fields = parse_qs(body.decode("ascii", "replace"), max_num_fields=8)
+        try:
+            return parse_qs(body.decode("ascii", "replace"), max_num_fields=8)
+        except ValueError:  # more fields than that
+            return _page("Bad request", "<p>Please use the button on the page.</p>", 400)
+
+    def tag_ok(fields: dict[str, list[str]], expected: str) -> bool:
+        sent_tag = (fields.get("form") or [""])[0]
+        return hmac.compare_digest(sent_tag.encode(), expected.encode())
+
+    async def confirm(request: Request) -> Response:
+        token = str(request.path_params["token"])
+        fields = await form_of(request)
+        if isinstance(fields, Response):
+            return fields
         got = await asyncio.to_thread(s.check, token)
         if isinstance(got, str):
             log.warning("public page: POST of a refused token: %s", got)
             return _refusal(got)
-        sent_tag = (fields.get("form") or [""])[0]
-        if not hmac.compare_digest(sent_tag.encode(), s.page_tag(token).encode()):
+        if not tag_ok(fields, s.page_tag(token)):
             log.warning("public page: POST without the page's form tag refused")
             return _page("Bad request", "<p>Please use the button on the page.</p>", 400)
         if not await s.confirm(got, on_verified, via="page"):
@@ -239,6 +311,95 @@ def make_app(
         )
         return _page("Confirmed", body_html)
 
+    def describe_held(link: Link) -> tuple[str, bool] | None:
+        """The message a digest link names, as a list for the page, and whether only
+        an admin may release it; None when it is not held (for that user) any more."""
+        assert digest is not None
+        held = digest.held(link)
+        if held is None:
+            return None
+        e = html.escape
+        subject = clean_text(held.subject, MAX_SUBJECT) or "(no subject)"
+        sender = clean_text(held.from_addr or held.sender, 254) or "(no sender)"
+        shown = (
+            "<dl>"
+            f"<dt>From</dt><dd>{e(sender)}</dd>"
+            f"<dt>To</dt><dd>{e(link.user)}</dd>"
+            f"<dt>Subject</dt><dd>{e(subject)}</dd>"
+            f"<dt>Held</dt><dd>{e(_when(held.held_at))}</dd>"
+            f"<dt>Why</dt><dd>{e(clean_text(held.reason, 80))}</dd>"
+            "</dl>"
+        )
+        return shown, held.admin_only or held.layer == "antivirus"
+
+    async def digest_checked(token: str) -> tuple[Link, str] | Response:
+        """The link and its page's description, or the refusal page."""
+        if digest is None:
+            return _refusal("")
+        got = await asyncio.to_thread(digest.check, token)
+        if isinstance(got, str):
+            log.info("public page: digest link refused: %s", got)
+            return _refusal(got)
+        described = await asyncio.to_thread(describe_held, got)
+        if described is None:
+            return _refusal("digest.not_held")
+        shown, admin_only = described
+        if admin_only:
+            return _refusal("digest.admin_only")
+        return got, shown
+
+    async def digest_show(request: Request) -> Response:
+        token = str(request.path_params["token"])
+        checked = await digest_checked(token)
+        if isinstance(checked, Response):
+            return checked
+        link, described = checked
+        assert digest is not None
+        title, button = _DIGEST_ASK[link.action]
+        e = html.escape
+        extra = (
+            "<p>The sender is added to your contacts, and every message held from them "
+            "is released too.</p>"
+            if link.action is Action.ALLOW
+            else ""
+        )
+        body = (
+            f"<p>This message is held in your quarantine:</p>{described}{extra}"
+            f'<form method="post" action="{e(base)}/digest/{e(token)}">'
+            f'<input type="hidden" name="form" value="{digest.page_tag(token)}">'
+            f'<button type="submit">{e(button)}</button></form>'
+            "<p>If you do not want this, just close this page: nothing happens.</p>"
+        )
+        return _page(title, body)
+
+    async def digest_act(request: Request) -> Response:
+        token = str(request.path_params["token"])
+        fields = await form_of(request)
+        if isinstance(fields, Response):
+            return fields
+        checked = await digest_checked(token)
+        if isinstance(checked, Response):
+            return checked
+        link, _ = checked
+        assert digest is not None
+        if not tag_ok(fields, digest.page_tag(token)):
+            log.warning("public page: digest POST without the page's form tag refused")
+            return _page("Bad request", "<p>Please use the button on the page.</p>", 400)
+        try:
+            result = await digest.act(link)
+        except Exception:
+            log.exception("public page: digest action failed")
+            return _page(
+                "Please try again later",
+                "<p>Something went wrong on our side; nothing was changed, and the link "
+                "still works.</p>",
+                503,
+            )
+        if result in _DIGEST_DONE:
+            title, text = _DIGEST_DONE[result]
+            return _page(title, f"<p>{html.escape(text)}</p>")
+        return _refusal(result)
+
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
         if status == 405:
@@ -249,6 +410,8 @@ def make_app(
         routes=[
             Route("/sav/{token}", show, methods=["GET", "HEAD"]),
             Route("/sav/{token}", confirm, methods=["POST"]),
+            Route("/digest/{token}", digest_show, methods=["GET", "HEAD"]),
+            Route("/digest/{token}", digest_act, methods=["POST"]),
         ],
         exception_handlers={404: not_found, 405: not_found},
     )

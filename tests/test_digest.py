@@ -1,0 +1,381 @@
+"""The quarantine digest end to end: held mail, a day passes, a digest, one click releases.
+
+`kith serve --test-hooks` with layer 5 enforcing: mail from an outside
+sender nobody knows is held (no DNS answers here, so no sender is
+authenticated and no challenge leaves). The test clock then moves a day,
+the server's daily pass sends each user a digest into their Maildir, and
+the test reads it as the user would: its headers, its text, its links.
+The links are followed over real HTTP on the public listener, as a
+browser (GET, then POST from the page) or an attacker (tampered, expired,
+cross-site, someone else's) would. DKIM signatures are verified with
+dkimpy against the key record `kith dkim keygen` printed, served by a real
+dnsmasq; the anti-virus hold uses a real clamd with the tests' signatures.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import dkim
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+from clamd_server import EICAR, clamd_server
+from dns_server import Dnsmasq, StartDnsmasq
+from gateway import Gateway, run, running_gateway, send
+
+from kithmail import digest
+from kithmail.db import Database
+from kithmail.dkimkeys import keygen
+
+OUTSIDE = "127.0.0.70"
+ANN, BOB = "ann@example.test", "bob@example.test"
+DAY = 86400.0
+LINK = re.compile(r"http://127\.0\.0\.1:\d+/digest/[a-z0-9]+")
+SECTIONS: dict[str, dict[str, Any]] = {
+    "recon": {"exempt_networks": ["127.0.0.0/24"]},
+    "community": {"mode": "enforce", "sav": False},
+    "digest": {"link_ttl": "72h", "max_items": 5},
+}
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Iterator[Gateway]:
+    with running_gateway(tmp_path / "gw", sections=SECTIONS) as g:
+        yield g
+
+
+def mail(subject: str, sender: str = "eve@remote.test", to: str = ANN, body: str = "Hi.") -> bytes:
+    return (
+        f"From: Eve <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{abs(hash(subject))}@remote.test>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def hold(gw: Gateway, rcpts: list[str], data: bytes, sender: str = "eve@remote.test") -> None:
+    replies = run(send(gw.port, OUTSIDE, sender, rcpts, data))
+    assert replies[-1].code == 250, replies
+    for r in rcpts:
+        gw.wait_for(f"held for {r}", lambda r=r: held_ids(gw, r))
+
+
+def held_ids(gw: Gateway, user: str) -> list[str]:
+    out = gw.kith("quarantine", "list", user).stdout
+    return re.findall(r"^([0-9a-z]{19}) ", out, re.M)
+
+
+def digests(gw: Gateway, user: str) -> list[EmailMessage]:
+    return [
+        email.message_from_bytes(m, policy=email.policy.default)  # type: ignore[misc]
+        for m in gw.messages(user)
+        if b"Auto-Submitted: auto-generated" in m
+    ]
+
+
+def passes(gw: Gateway) -> int:
+    return gw.log_text().count("digest pass for the slot of")
+
+
+def next_day(gw: Gateway) -> None:
+    """Move the clock a day and wait for the server's digest pass."""
+    before = passes(gw)
+    gw.advance(DAY)
+    gw.wait_for("the daily digest pass", lambda: passes(gw) > before)
+
+
+def next_digest(gw: Gateway, user: str, before: int = 0) -> EmailMessage:
+    """Move the clock a day and wait for the user's next digest."""
+    gw.advance(DAY)
+    found = gw.wait_for(f"a digest for {user}", lambda: len(digests(gw, user)) > before or None)
+    assert found
+    return digests(gw, user)[-1]
+
+
+def text_of(msg: EmailMessage) -> str:
+    part = msg.get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())  # type: ignore[attr-defined]
+
+
+def html_of(msg: EmailMessage) -> str:
+    part = msg.get_body(("html",))
+    assert part is not None
+    return str(part.get_content())  # type: ignore[attr-defined]
+
+
+def links(msg: EmailMessage) -> dict[str, list[str]]:
+    """The digest's links by label: "release" and "allow", in listing order."""
+    out: dict[str, list[str]] = {"release": [], "allow": []}
+    for line in text_of(msg).splitlines():
+        m = LINK.search(line)
+        if m is None:
+            continue
+        out["allow" if "Allow the sender" in line else "release"].append(m[0])
+    return out
+
+
+def http(
+    url: str, form: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if form is not None else "GET")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    if data is not None:
+        req.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode()
+
+
+def origin(gw: Gateway) -> dict[str, str]:
+    return {"Origin": f"http://127.0.0.1:{gw.public_port}"}
+
+
+def form(body: str) -> dict[str, str]:
+    m = re.search(r'name="form" value="([0-9a-f]+)"', body)
+    assert m, body
+    return {"form": m[1]}
+
+
+def delivered_subjects(gw: Gateway, user: str) -> list[str]:
+    return [
+        str(email.message_from_bytes(m)["Subject"])
+        for m in gw.messages(user)
+        if b"Auto-Submitted: auto-generated" not in m
+    ]
+
+
+def _dnsfunc(server: Dnsmasq) -> Any:
+    def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
+        qname = name.decode() if isinstance(name, bytes) else name
+        q = dns.message.make_query(qname, dns.rdatatype.TXT)
+        reply = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=2)
+        for rrset in reply.answer:
+            for rdata in rrset:
+                return b"".join(rdata.strings)
+        return None
+
+    return lookup
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_held_mail_is_in_a_signed_digest_and_its_link_releases_it_once(
+    tmp_path: Path, dnsmasq: StartDnsmasq
+) -> None:
+    _, record = keygen(tmp_path / "gw" / "var", "example.test", "kithmail")
+    server = dnsmasq(
+        zones=["example.test"],
+        txt=[("kithmail._domainkey.example.test", re.findall(r'"([^"]*)"', record))],
+    )
+    with running_gateway(tmp_path / "gw", sections=SECTIONS) as gw:
+        hold(gw, [ANN], mail("Invoice 42"))
+        assert gw.messages(ANN) == []
+        d = next_digest(gw, ANN)
+
+        # Our own mail: never held by the community, though nobody "knows" us.
+        assert d["To"].addresses[0].addr_spec == ANN
+        assert d["From"].addresses[0].addr_spec == "quarantine@example.test"
+        assert d["Auto-Submitted"] == "auto-generated"
+        assert d["Subject"] == f"Held mail: 1 new message for {ANN}"
+        raw = next(m for m in gw.messages(ANN) if b"auto-generated" in m)
+        # As delivered, with whatever trace fields delivery added above the signature.
+        assert dkim.verify(raw, dnsfunc=_dnsfunc(server))
+        forged = raw.replace(b"Invoice 42", b"Invoice 43")
+        assert not dkim.verify(forged, dnsfunc=_dnsfunc(server))
+
+        text = text_of(d)
+        assert "Invoice 42" in text and "eve@remote.test" in text
+        assert "community.unknown" in text
+        got = links(d)
+        assert len(got["release"]) == 1 and len(got["allow"]) == 1
+        release = got["release"][0]
+
+        # GET shows what the link will do, twice (a scanner, then a person): nothing changes.
+        for _ in range(2):
+            status, body = http(release)
+            assert status == 200, body
+            assert "Release this message?" in body and "Invoice 42" in body
+        assert len(held_ids(gw, ANN)) == 1 and delivered_subjects(gw, ANN) == []
+
+        # POST from the page: exactly that message is delivered.
+        status, body = http(release, form(body), origin(gw))
+        assert status == 200 and "Released" in body, body
+        gw.wait_for("the released message", lambda: delivered_subjects(gw, ANN))
+        assert delivered_subjects(gw, ANN) == ["Invoice 42"]
+        assert held_ids(gw, ANN) == []
+
+        # Once only.
+        status, body = http(release, form(body) if "form" in body else {"form": "x"}, origin(gw))
+        assert status == 410 and "used already" in body
+        status, body = http(got["allow"][0])
+        assert status == 410 and "no longer held" in body
+
+        # The next day, nothing new: no second digest.
+        next_day(gw)
+        assert len(digests(gw, ANN)) == 1
+
+
+def test_allow_link_allows_the_sender_and_releases_all_their_held_mail(gw: Gateway) -> None:
+    hold(gw, [ANN], mail("first", sender="zed@remote.test"), sender="zed@remote.test")
+    hold(gw, [ANN], mail("second", sender="zed@remote.test"), sender="zed@remote.test")
+    hold(gw, [ANN], mail("other"))
+    d = next_digest(gw, ANN)
+    assert d["Subject"] == f"Held mail: 3 new messages for {ANN}"
+    text = text_of(d)
+    # Newest first; each with its own links.
+    assert text.index("other") < text.index("second") < text.index("first")
+    allow = links(d)["allow"][2]  # "first"
+    status, body = http(allow)
+    assert status == 200 and "Allow this sender and release?" in body and "first" in body
+    status, body = http(allow, form(body), origin(gw))
+    assert status == 200 and "Sender allowed and released" in body
+    gw.wait_for("both of zed's messages", lambda: len(delivered_subjects(gw, ANN)) == 2)
+    assert sorted(delivered_subjects(gw, ANN)) == ["first", "second"]
+    assert "zed@remote.test" in gw.kith("community", "list", ANN).stdout
+    assert len(held_ids(gw, ANN)) == 1  # eve's stays held
+
+
+def test_links_refuse_tampering_other_users_cross_site_blind_and_expired(gw: Gateway) -> None:
+    hold(gw, [ANN, BOB], mail("for both", to=f"{ANN}, {BOB}"))
+    d_ann = next_digest(gw, ANN)
+    gw.wait_for("bob's digest", lambda: digests(gw, BOB))
+    ann = links(d_ann)["release"][0]
+    bob = links(digests(gw, BOB)[0])["release"][0]
+    assert ann != bob
+
+    # A tampered token (any character) is no token: 404, both ways.
+    token = ann.rsplit("/", 1)[1]
+    for i in (0, 20, 30, len(token) - 1):
+        flipped = token[:i] + ("a" if token[i] != "a" else "b") + token[i + 1 :]
+        assert http(ann.replace(token, flipped))[0] == 404
+        status, _ = http(ann.replace(token, flipped), {"form": "0" * 32}, origin(gw))
+        assert status == 404
+    for path in ("/digest/", "/digest/x", "/digest/" + "a" * 83, "/digest/" + token + "a"):
+        assert http(f"http://127.0.0.1:{gw.public_port}{path}")[0] == 404
+
+    # Bob's token names his copy; pointed at Ann's copy it is forged.
+    bob_token = bob.rsplit("/", 1)[1]
+    ann_qid = token[:19]
+    assert bob_token[:19] == ann_qid  # one message, two copies
+    status, body = http(ann)
+    page_form = form(body)
+    # Bob's link cannot carry Ann's form tag, and acts only on Bob's copy.
+    status, _ = http(bob, page_form, origin(gw))
+    assert status == 400
+    status, body = http(bob)
+    status, body = http(bob, form(body), origin(gw))
+    assert status == 200
+    gw.wait_for("bob's copy", lambda: delivered_subjects(gw, BOB))
+    assert held_ids(gw, BOB) == [] and held_ids(gw, ANN) == [ann_qid]
+    assert delivered_subjects(gw, ANN) == []
+
+    # Cross-site, and blind (no form tag from the page): refused, nothing happens.
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Referer": "https://evil.example/x"},
+        {**origin(gw), "Sec-Fetch-Site": "cross-site"},
+    ):
+        assert http(ann, page_form, headers)[0] == 403
+    assert http(ann, {}, origin(gw))[0] == 400
+    assert http(ann, {"form": "0" * 32}, origin(gw))[0] == 400
+    assert held_ids(gw, ANN) == [ann_qid]
+
+    # After link_ttl the link is refused, with a page that says so.
+    gw.advance(72 * 3600)
+    status, body = http(ann)
+    assert status == 410 and "expired" in body
+    assert http(ann, page_form, origin(gw))[0] == 410
+    assert held_ids(gw, ANN) == [ann_qid] and delivered_subjects(gw, ANN) == []
+
+
+def test_a_user_who_opted_out_gets_no_digest(gw: Gateway) -> None:
+    database = Database.open(gw.data_dir / "kithmail.db")
+    try:
+        bob_id = database.user(BOB).id
+        assert digest.wants(database, bob_id)
+        digest.set_wants(database, bob_id, False, actor="bob@example.test")
+        assert not digest.wants(database, bob_id)
+        audit = database.read("SELECT actor, action, target, detail FROM audit_log")
+        assert (BOB, "digest.preference", BOB, "off") in audit
+    finally:
+        database.close()
+    hold(gw, [ANN, BOB], mail("for both", to=f"{ANN}, {BOB}"))
+    next_digest(gw, ANN)
+    gw.wait_for("the pass's count", lambda: re.search(r"digest pass for .*: 1 sent", gw.log_text()))
+    assert digests(gw, BOB) == []
+    assert f"to {BOB}" not in gw.log_text()
+    assert len(held_ids(gw, BOB)) == 1
+
+
+def test_a_hostile_subject_is_neutralised_in_the_digest_and_on_the_page(gw: Gateway) -> None:
+    # Encoded words decoding to CR LF + a header, a script tag, and a
+    # right-to-left override that would reverse "exe.pdf" on screen.
+    hostile = (
+        "=?utf-8?q?Hello=0D=0ABcc:_victim@else.test=0D=0A=0D=0Abody?= "
+        "=?utf-8?q?<script>alert(1)</script>_invoice=E2=80=AEfdp.exe?="
+    )
+    hold(gw, [ANN], mail(hostile))
+    d = next_digest(gw, ANN)
+    raw = next(m for m in gw.messages(ANN) if b"auto-generated" in m)
+    head = raw.split(b"\r\n\r\n", 1)[0] if b"\r\n\r\n" in raw else raw.split(b"\n\n", 1)[0]
+    assert b"victim" not in head and b"script" not in head
+    assert d["Bcc"] is None
+    text = text_of(d)
+    assert "\u202e" not in text and "\u202e" not in html_of(d)
+    (line,) = [x for x in text.splitlines() if "victim" in x]
+    assert "Bcc: victim@else.test" in line and "invoice" in line  # one line, shown as text
+    page = html_of(d)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    release = links(d)["release"][0]
+    status, body = http(release)
+    assert status == 200
+    assert "<script>" not in body and "&lt;script&gt;" in body and "\u202e" not in body
+
+
+def test_anti_virus_holds_get_no_link(tmp_path: Path) -> None:
+    with clamd_server(tmp_path / "clamd") as clamd:
+        sections = {**SECTIONS, "antivirus": {"clamd": clamd.unix, "on_virus": "quarantine"}}
+        with running_gateway(tmp_path / "gw", sections=sections) as gw:
+            hold(gw, [ANN], mail("nasty", body=EICAR.decode()))
+            hold(gw, [ANN], mail("plain"))
+            d = next_digest(gw, ANN)
+            text = text_of(d)
+            assert "nasty" in text and "antivirus" in text
+            assert "Only an administrator can release this message." in text
+            got = links(d)
+            assert len(got["release"]) == 1 and len(got["allow"]) == 1  # "plain" only
+            nasty = text[text.index("nasty") :]
+            nasty = nasty[: nasty.index("\n\n")]
+            assert LINK.search(nasty) is None
+
+
+def test_kith_digest_send_now_and_the_daily_pass_do_not_repeat(gw: Gateway) -> None:
+    hold(gw, [ANN], mail("by hand"))
+    done = gw.kith("digest", "send", "--now", "--user", ANN)
+    assert re.search(rf"^digest [0-9a-z]{{19}} to {ANN}$", done.stdout, re.M), done.stdout
+    gw.wait_for("the digest", lambda: digests(gw, ANN))
+    assert "by hand" in text_of(digests(gw, ANN)[0])
+    assert "no digest due" in gw.kith("digest", "send", "--now", "--user", ANN).stdout
+    # The daily pass finds nothing new for Ann.
+    next_day(gw)
+    assert len(digests(gw, ANN)) == 1
+    assert "no digest due" in gw.kith("digest", "send").stdout
+    bad = gw.kith("digest", "send", "--user", "nobody@example.test", check=False)
+    assert bad.returncode == 1 and "nobody@example.test" in bad.stderr
