@@ -53,12 +53,15 @@ def serve_policy(settings: config.Settings) -> int:
 
 
 def fork_workers(n: int, work: Callable[[int], int]) -> int:
-    """Fork `n` workers running `work(index)`, forward SIGTERM/SIGINT, wait for them all.
+    """Fork `n` workers running `work(index)`, forward SIGTERM/SIGINT/SIGHUP, wait for them all.
 
     Returns the worst exit status. Each worker opens what must not cross a
     fork (the LMDB environment, the event loop) itself, after the fork.
     """
     children: list[int] = []
+    # Until a worker's event loop takes SIGHUP over (or for good, in the
+    # parent until `forward` is set), a SIGHUP is ignored, never fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for i in range(n):
         pid = os.fork()
         if pid == 0:
@@ -76,6 +79,7 @@ def fork_workers(n: int, work: Callable[[int], int]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # each worker reloads its settings
     worst = 0
     for c in children:
         _, status = os.waitpid(c, 0)
@@ -106,6 +110,12 @@ async def _run(service: PolicyService, listeners: list[str], reuse_port: bool) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        lambda: log.warning(
+            "SIGHUP: kith policy does not reload; restart it (pid %d)", os.getpid()
+        ),
+    )
     servers = await service.start(listeners, reuse_port=reuse_port)
     for spec in listeners:
         log.info("policy service listening on %s (pid %d)", spec, os.getpid())
@@ -162,6 +172,8 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
     from kithmail.spool import Spool
 
     setup_logging(settings)
+    # A SIGHUP before the workers' event loops take it over is ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     data_dir = settings.server.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     database = dbmod.Database.open(data_dir / "kithmail.db")
@@ -237,17 +249,25 @@ def load_local_lists(settings: config.Settings) -> None:
         return
     core = open_core(settings)
     try:
-        now = int(time.time())
-        for ll in lists:
-            n = core.reputation.load_file(
-                ll.name, ll.kind, str(ll.path), action=ll.action, score=ll.score, now=now
-            )
-            log.info("reputation list %s loaded from %s: %d prefixes", ll.name, ll.path, n)
-        core.flush()
+        load_lists(core, settings)
     finally:
         core.close()
         del core
         gc.collect()  # every reference gone before the fork
+
+
+def load_lists(core: Any, settings: config.Settings) -> None:
+    """Each of `[reputation] local_lists` read into the open core, replacing its list at once.
+
+    Lists loaded by other means (`kith reputation load`) are left alone.
+    """
+    now = int(time.time())
+    for ll in settings.reputation.local_lists:
+        n = core.reputation.load_file(
+            ll.name, ll.kind, str(ll.path), action=ll.action, score=ll.score, now=now
+        )
+        log.info("reputation list %s loaded from %s: %d prefixes", ll.name, ll.path, n)
+    core.flush()
 
 
 def _gateway_worker(
@@ -285,6 +305,7 @@ async def _run_gateway(
     from kithmail.layers.spoofing import Spoofing
     from kithmail.layers.spoofing.spf import for_pipeline as spf_layer
     from kithmail.metrics import SmtpMetrics
+    from kithmail.overrides import Overrides
     from kithmail.pipeline import MessageContext, Pipeline
     from kithmail.public import make_app, serve_public
     from kithmail.quarantine import Quarantine
@@ -295,13 +316,14 @@ async def _run_gateway(
     from kithmail.smtp.submission import Submission
     from kithmail.spool import Envelope, Outcome, Spool
     from kithmail.stats import Stats
-    from kithmail.overrides import Overrides
     from kithmail.tenants import Policies
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reload_requested = asyncio.Event()  # SIGHUP (`kithmail.reload`)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     data_dir = settings.server.data_dir
     database = dbmod.Database.open(data_dir / "kithmail.db")
     database.sync_domains(settings.domains.local)
@@ -310,17 +332,22 @@ async def _run_gateway(
     metrics = Metrics("smtp")
     antivirus = Antivirus()
     spoofing = Spoofing(resolver)
-    pipeline = Pipeline(
-        settings,
-        core,
-        resolver,
-        spf,
-        metrics=metrics,
-        spf_layer=spf_layer(spf),
-        message_layers=[spoofing.message, antivirus],
-        trusted_message_layers=[antivirus],
-        community=Community(core, psl=spoofing.psl),
-    )
+    community = Community(core, psl=spoofing.psl)
+
+    def make_pipeline(s: config.Settings) -> Pipeline:
+        return Pipeline(
+            s,
+            core,
+            resolver,
+            spf,
+            metrics=metrics,
+            spf_layer=spf_layer(spf),
+            message_layers=[spoofing.message, antivirus],
+            trusted_message_layers=[antivirus],
+            community=community,
+        )
+
+    pipeline = make_pipeline(settings)
     spool = Spool(data_dir / "spool", reserve_bytes=settings.server.spool_reserve)
     queue = Queue(spool, settings, resolver=resolver, clock=clock) if index == 0 else None
     callahead = None
@@ -339,7 +366,7 @@ async def _run_gateway(
     overrides = Overrides(database, lambda: policies.settings)
     policies = Policies(settings, database.tenant_of, overrides)
     quarantine = Quarantine(database, spool, policies=policies, clock=clock)
-    stats = Stats(clock, lambda d: (p.tenant if (p := policies.for_domain(d)) else None))
+    stats = Stats(clock, lambda d: p.tenant if (p := policies.for_domain(d)) else None)
     flusher = asyncio.create_task(_flush_stats(stats, database))
     sav = Sav(database, settings, clock=clock)
     sav.settings_for = lambda tenant: policies.for_tenant(tenant).settings
@@ -453,6 +480,7 @@ async def _run_gateway(
             )
         )
         log.info("inbound SMTP on %s (pid %d)", spec, os.getpid())
+    policy: PolicyService | None = None
     if settings.server.listeners.policy:
         policy = PolicyService(
             settings,
@@ -474,7 +502,7 @@ async def _run_gateway(
         from kithmail.web import make_app as make_web_app
 
         services = Services(
-            settings=lambda: settings,
+            settings=lambda: policies.settings,
             policies=lambda: policies,
             database=database,
             quarantine=quarantine,
@@ -504,10 +532,42 @@ async def _run_gateway(
             public = asyncio.create_task(serve_public(app, settings.server.listeners.public))
             for spec in settings.server.listeners.public:
                 log.info("public pages on http://%s (pid %d)", spec, os.getpid())
+
+    async def apply_settings(new: config.Settings) -> None:
+        """A reload's new settings into every part of this worker (`kithmail.reload`)."""
+        from kithmail import tls
+
+        # What can fail comes first, so a failure leaves the old settings whole.
+        context = await asyncio.to_thread(tls.server_context, new)
+        if index == 0:  # one worker loads the lists into the shared core
+            await asyncio.to_thread(load_lists, core, new)
+        await asyncio.to_thread(database.sync_domains, new.domains.local)
+        policies.update(new)
+        lim = new.limits
+        gw.conn_rate.limit = lim.connections_per_ip_per_minute
+        gw.ip_msg_rate.limit = lim.messages_per_ip_per_minute
+        gw.sender_rate.limit = lim.messages_per_sender_per_minute
+        gw.budget.limit = lim.data_memory
+        gw.tls_context = context
+        gw.pipeline = make_pipeline(new)
+        gw.settings = new
+        sav.settings = new
+        if queue is not None:
+            queue.reload(new)
+        if policy is not None:
+            policy.settings = new
+            policy.reputation = Reputation.from_settings(core, new, resolver)
+
+    from kithmail.reload import watch as watch_reloads
+
+    reloads = asyncio.create_task(
+        watch_reloads(reload_requested, lambda: policies.settings, apply_settings)
+    )
     log.info("kithmail ready (pid %d)", os.getpid())
     await stop.wait()
     log.info("kithmail stopping (pid %d): no new connections, finishing sessions", os.getpid())
     gw.closing = True
+    reloads.cancel()
     for s in servers:
         s.close()
     deadline = loop.time() + 30
