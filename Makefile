@@ -9,6 +9,7 @@ PY          := $(VENV)/bin/python
 BENCH_VENV  := .venv-bench
 BPY         := $(BENCH_VENV)/bin/python
 MATURIN_VER := 1.16.0
+SOAK_MINUTES ?= 10
 RUST_SRC    := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 STAMP       := $(VENV)/.built-debug
 # Debian packages the tests drive for real (installed by `make test` when missing).
@@ -85,6 +86,7 @@ bench: $(BENCH_VENV)/bin/maturin bench-sysdeps
 	$(BPY) bench/smtp.py --wait-idle 120 --json bench/results/smtp.json
 	$(BPY) bench/layers.py --wait-idle 120 --json bench/results/layers.json
 	$(BPY) bench/community.py --wait-idle 120 --json bench/results/community.json
+	$(BPY) bench/soak.py --wait-idle 120 --minutes $(SOAK_MINUTES) --json bench/results/soak.json
 
 # The gateway on the embedded default: data in ./var, local domain example.test,
 # Maildirs under ./var/mail, inbound SMTP on 127.0.0.1:2525, /metrics on :8025.
