@@ -1055,3 +1055,29 @@ class Database:
 
     def _now(self) -> int:
         return int(self._clock())
+
+    def set_role(self, address: str, role: str) -> User:
+        """Make a user a plain user, a tenant admin or a global admin; NotFoundError if none.
+
+        InvalidError for an unknown role, and for taking the role of the
+        last enabled global admin away (nobody could then run the gateway
+        from the web; the shell still could, with ``kith user add``).
+        """
+        folded = fold_address(address)
+        checked = _check_role(role)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT role, disabled FROM users WHERE address = ?", (folded,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no user {folded}")
+            if row[0] == "global_admin" and checked != "global_admin" and not row[1]:
+                others = conn.execute(
+                    "SELECT count(*) FROM users WHERE role = 'global_admin' AND disabled = 0"
+                    " AND address != ?",
+                    (folded,),
+                ).fetchone()[0]
+                if others == 0:
+                    raise InvalidError(f"{folded} is the last enabled global admin")
+            conn.execute("UPDATE users SET role = ? WHERE address = ?", (checked, folded))
+        return self.user(folded)

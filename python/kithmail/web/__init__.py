@@ -60,6 +60,10 @@ def make_app(services: Services) -> FastAPI:
     app.include_router(user_router)
     app.include_router(api_router)
     # --- the admin half: its routers are included here ---
+    from kithmail.web import admin, api_admin
+
+    app.include_router(admin.router)
+    app.include_router(api_admin.router)
     # ---
     return app
 
