@@ -229,6 +229,14 @@ def test_held_mail_is_in_a_signed_digest_and_its_link_releases_it_once(
         # The next day, nothing new: no second digest.
         next_day(gw)
         assert len(digests(gw, ANN)) == 1
+        status, metrics = http(f"http://127.0.0.1:{gw.web_port}/metrics")
+        assert status == 200
+        assert "kithmail_digests_sent_total 1.0" in metrics
+        assert (
+            'kithmail_digest_link_actions_total{action="release",result="digest.released"} 1.0'
+            in (metrics)
+        )
+        assert 'result="digest.token_used"' not in metrics  # the replay never reached act
 
 
 def test_allow_link_allows_the_sender_and_releases_all_their_held_mail(gw: Gateway) -> None:

@@ -772,12 +772,16 @@ async def run_scheduler(
 
     Polls the clock (which tests move) every ``poll`` seconds; the check is
     one comparison, and a pass reads the database only when the slot moved.
+    Reads ``digest.settings`` each time, so a reload's ``[digest]`` (``at``,
+    ``enabled``) applies at once.
     """
     done: float | None = None
     while True:
         try:
             current = slot(clock(), digest.settings.digest.at)
-            if current != done:
+            if not digest.settings.digest.enabled:
+                done = None  # turned on again: a pass at once, as at start
+            elif current != done:
                 sent = await asyncio.to_thread(digest.pass_sync, spool, notify, now=clock())
                 done = current
                 log.info(

@@ -524,8 +524,7 @@ async def _run_gateway(
         from kithmail.digest import Digest, run_scheduler
 
         digest = Digest(database, quarantine, settings, core=core, clock=clock, signer=sav.signer)
-        if settings.digest.enabled:
-            digests = asyncio.create_task(run_scheduler(digest, spool, queue.notify, clock=clock))
+        digests = asyncio.create_task(run_scheduler(digest, spool, queue.notify, clock=clock))
         if settings.server.listeners.public:
             # The confirmation pages: one worker serves them (uvicorn).
             app = make_app(settings, database, on_verified, sav=sav, digest=digest, clock=clock)
@@ -554,6 +553,7 @@ async def _run_gateway(
         sav.settings = new
         if queue is not None:
             queue.reload(new)
+            digest.settings = new  # its schedule, links and [digest] enabled
         if policy is not None:
             policy.settings = new
             policy.reputation = Reputation.from_settings(core, new, resolver)
