@@ -24,6 +24,7 @@ from gateway import Client, Gateway, make_gateway, run, send
 from kithmail import config
 from kithmail.db import Database
 from kithmail.overrides import OverrideError, Overrides, file_keys_of, keys
+from kithmail.tenants import Policies, TenantPolicy
 
 OUTSIDE = "127.0.0.70"
 SOFT = ("soft.test", "v=spf1 ip4:192.0.2.0/24 ~all")  # 127.0.0.70 is not in it: softfail
@@ -47,7 +48,10 @@ def db(tmp_path: Path) -> Iterator[Database]:
 @pytest.fixture
 def file_settings(tmp_path: Path) -> config.Settings:
     path = tmp_path / "kithmail.toml"
-    path.write_text('[spf]\nsoftfail = "tag"\n\n[recon]\nmin_delay = "2m"\n')
+    path.write_text(
+        '[domains]\nlocal = ["example.test", "acme.test"]\n\n'
+        '[spf]\nsoftfail = "tag"\n\n[recon]\nmin_delay = "2m"\n'
+    )
     return config.load(path)
 
 
@@ -110,7 +114,7 @@ def test_explain_names_each_origin_and_what_it_replaces(
     db: Database, file_settings: config.Settings
 ) -> None:
     ov = Overrides(db, lambda: file_settings)
-    assert file_keys_of(file_settings) == {"spf.softfail", "recon.min_delay"}
+    assert file_keys_of(file_settings) == {"domains.local", "spf.softfail", "recon.min_delay"}
     ov.set("", "spf.softfail", "defer", actor="admin@example.test")
     ov.set("acme", "spf.softfail", "reject", actor="admin@acme.test")
     ov.set("acme", "spf.neutral", "quarantine", actor="admin@acme.test")
@@ -162,6 +166,41 @@ def test_explain_names_each_origin_and_what_it_replaces(
     ov.unset("acme", "spf.softfail", actor="admin@acme.test")
     s = {s.key: s for s in ov.explain("acme")}["spf.softfail"]
     assert (s.value, s.origin, s.replaces, s.replaces_origin) == ("defer", "global", "tag", "file")
+
+
+def test_a_tenant_cannot_remove_a_global_override(
+    db: Database, file_settings: config.Settings
+) -> None:
+    ov = Overrides(db, lambda: file_settings)
+    ov.set("", "recon.min_delay", "5m", actor="admin@example.test")
+    with pytest.raises(OverrideError, match="only a global admin"):
+        ov.unset("acme", "recon.min_delay", actor="admin@acme.test")
+    assert ov.get("") == {"recon.min_delay": "5m"}
+
+
+def test_policies_give_each_tenants_domain_its_settings(
+    db: Database, file_settings: config.Settings
+) -> None:
+    ov = Overrides(db, lambda: policies.settings)
+    policies = Policies(file_settings, db.tenant_of, ov)
+    assert policies.for_domain("acme.test") == TenantPolicy("acme", file_settings)
+    ov.set("acme", "spf.softfail", "reject", actor="admin@acme.test")
+    acme = policies.for_domain("acme.test")
+    plain = policies.for_domain("example.test")
+    assert acme is not None and plain is not None
+    assert (acme.tenant, acme.settings.spf.softfail) == ("acme", "reject")
+    assert (plain.tenant, plain.settings.spf.softfail) == ("default", "tag")
+    assert policies.for_domain("elsewhere.test") is None
+    # A reload's new file: the tenant's override stays over it.
+    policies.update(
+        config.from_mapping(
+            {"domains": {"local": ["example.test", "acme.test"]}, "spf": {"neutral": "tag"}},
+            "new.toml",
+        )
+    )
+    acme = policies.for_domain("acme.test")
+    assert acme is not None
+    assert (acme.settings.spf.softfail, acme.settings.spf.neutral) == ("reject", "tag")
 
 
 def test_every_change_is_in_the_audit_log(db: Database, file_settings: config.Settings) -> None:

@@ -17,10 +17,12 @@ import logging
 import os
 import re
 import signal
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from dns_server import Dnsmasq, StartDnsmasq
 from gateway import Client, Gateway, free_port, run, running_gateway
 
@@ -131,6 +133,67 @@ def test_sighup_with_an_invalid_file_keeps_the_old_settings_and_says_why(gw: Gat
     _hup(gw)
     gw.wait_for("the reload", lambda: _applied(gw))
     assert run(probe()).startswith("550 5.7.23")
+
+
+def _client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # self-signed: the names are what is checked
+    return ctx
+
+
+async def _greeting_and_cert(port: int) -> tuple[str, list[str]]:
+    """The greeting, and the DNS names of the certificate STARTTLS presents."""
+    c, greeting = await Client.connect(port, OUTSIDE)
+    try:
+        assert greeting is not None
+        await c.cmd("EHLO client.example")
+        assert (await c.cmd("STARTTLS")).code == 220
+        await c.writer.start_tls(_client_tls())
+        der = c.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+        await c.cmd("QUIT")
+        return greeting.text, list(san.value.get_values_for_type(x509.DNSName))
+    finally:
+        await c.close()
+
+
+def test_sighup_reloads_the_certificate_and_the_hostname(gw: Gateway) -> None:
+    greeting, names = run(_greeting_and_cert(gw.port))
+    assert greeting.startswith("mx.kithmail.test") and names == ["mx.kithmail.test"]
+    _edit(gw, 'hostname = "mx.kithmail.test"', 'hostname = "mx2.kithmail.test"')
+    _hup(gw)
+    gw.wait_for("the reload", lambda: _applied(gw))
+    greeting, names = run(_greeting_and_cert(gw.port))
+    assert greeting.startswith("mx2.kithmail.test") and names == ["mx2.kithmail.test"]
+
+
+def test_sighup_reloads_the_local_lists(tmp_path: Path, zones: Dnsmasq) -> None:
+    listed = tmp_path / "blocked.txt"
+    listed.write_text("192.0.2.0/24\n")
+    sections = _sections(zones)
+    sections["reputation"] = {
+        "local_lists": [{"name": "blocked", "path": listed, "kind": "block", "action": "reject"}]
+    }
+
+    async def probe(port: int) -> str:
+        c, _ = await Client.connect(port, OUTSIDE)
+        try:
+            await c.cmd("EHLO client.example")
+            return await _rcpt(c, "x@example.org", "ann@example.test")
+        finally:
+            await c.close()
+
+    with running_gateway(tmp_path / "gw", sections=sections) as gw:
+        assert run(probe(gw.port)).startswith("250")
+        listed.write_text("192.0.2.0/24\n127.0.0.70/32\n")
+        _hup(gw)
+        gw.wait_for("the reload", lambda: _applied(gw))
+        assert f"reputation list blocked loaded from {listed}: 2 prefixes" in gw.log_text()
+        refused = run(probe(gw.port))
+        assert refused.startswith("554 5.7.1"), refused
 
 
 def _two(pids: list[str]) -> set[str] | None:

@@ -646,6 +646,12 @@ class Overrides:
         scope = self._scope(scope)
         if not isinstance(key, str) or len(key) > 200:
             raise OverrideError("a key is a dotted name like `spf.softfail`")
+        info = _BY_KEY.get(key)
+        if scope != "" and info is not None and not info.tenant:
+            raise OverrideError(
+                f"`{key}` is the same for every tenant: only a global admin may override it"
+            )
+        # A key no longer in the list may still be removed (a stale row).
         with self.database.write() as conn:
             gone = conn.execute(
                 "DELETE FROM overrides WHERE scope = ? AND key = ?", (scope, key)

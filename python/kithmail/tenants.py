@@ -98,7 +98,11 @@ class Policies:
     def for_tenant(self, tenant: str) -> TenantPolicy:
         """The policy in force for a tenant by name (its settings with every override)."""
         settings = self._settings
-        generation = self.overrides.generation() if self.overrides is not None else 0
+        try:
+            generation = self.overrides.generation() if self.overrides is not None else 0
+        except Exception:
+            log.exception("overrides unreadable; the file's settings apply")
+            return TenantPolicy(tenant, settings)
         hit = self._cache.get(tenant)
         if hit is not None and hit[0] == generation and hit[1] is settings:
             return hit[2]
