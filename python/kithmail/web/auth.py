@@ -201,8 +201,10 @@ def end_sessions(database: Database, user_id: int, *, keep: str | None = None) -
         return cur.rowcount
 
 
-def _lookup_session(database: Database, secret: str, *, now: int, idle_s: float) -> _Session | None:
-    """The live session of this cookie, or None (dead ones are left for the sweep)."""
+def _lookup_session(
+    database: Database, secret: str, *, now: int, idle_s: float
+) -> _Session | str | None:
+    """The live session of this cookie; the id of a dead one (to delete); None if none."""
     if not secret or len(secret) > MAX_SECRET:
         return None
     sid = _digest(secret)
@@ -216,7 +218,8 @@ def _lookup_session(database: Database, secret: str, *, now: int, idle_s: float)
         or cast(int, expires) <= now
         or cast(int, last_seen) + idle_s <= now
     ):
-        return None
+        # Dead for good: enabling the user again must not revive it.
+        return sid
     p = Principal(
         cast(int, uid),
         cast(str, address),
@@ -226,6 +229,11 @@ def _lookup_session(database: Database, secret: str, *, now: int, idle_s: float)
         cast(str, csrf),
     )
     return _Session(sid, p, cast(int, last_seen))
+
+
+def _delete_session(database: Database, sid: str) -> None:
+    with database.write() as conn:
+        conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
 
 
 def _touch_session(database: Database, sid: str, now: int) -> None:
@@ -378,6 +386,9 @@ async def _resolve(request: Request) -> Principal | None:
     web = services.settings().web
     session = _lookup_session(database, secret, now=now, idle_s=web.idle_timeout)
     if session is None:
+        return None
+    if isinstance(session, str):
+        await asyncio.to_thread(_delete_session, database, session)
         return None
     request.state.session_secret = secret
     if now - session.last_seen >= TOUCH_EVERY_S:

@@ -121,9 +121,12 @@ async def start(request: Request) -> Response:
 
 @router.get("/login")
 async def login_form(request: Request, next: str = "", bye: int = 0) -> Response:
-    if await optional_principal(request) is not None:
-        return RedirectResponse(safe_next(next), status_code=303)
-    return _login_page(request, next_=next, info="You are logged out." if bye else "")
+    p = await optional_principal(request)
+    info = "You are logged out." if bye else ""
+    if p is not None:
+        # Logging in again (as someone else, perhaps) ends this session.
+        info = f"You are logged in as {p.address}. Logging in again ends that session."
+    return _login_page(request, next_=next, info=info)
 
 
 def _client_ip(request: Request) -> str:
