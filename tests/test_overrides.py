@@ -12,6 +12,7 @@ replaces; every change is in the audit log. The server is a real
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -314,3 +315,38 @@ def test_a_tenant_override_changes_that_tenants_mail_only(two_tenants: Gateway) 
         "the override gone",
         lambda: run(_rcpt(gw, "y@soft.test", "carol@other.test")).startswith("250"),
     )
+
+
+async def _policy(port: int, client: str, recipient: str) -> str:
+    """One Postfix policy request to the gateway's policy service; its action line."""
+    attrs = {
+        "request": "smtpd_access_policy",
+        "protocol_state": "RCPT",
+        "client_address": client,
+        "sender": "x@example.org",
+        "recipient": recipient,
+        "instance": f"{client}-{recipient}",
+    }
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(("".join(f"{k}={v}\n" for k, v in attrs.items()) + "\n").encode())
+        await w.drain()
+        return (await r.readuntil(b"\n\n")).decode().strip()
+    finally:
+        w.close()
+        await w.wait_closed()
+
+
+def test_the_policy_service_follows_the_recipients_tenant(two_tenants: Gateway) -> None:
+    gw = two_tenants
+    with Database.open(gw.data_dir / "kithmail.db") as d:
+        Overrides(d, lambda: config.load(gw.config)).set(
+            "acme", "recon.enabled", False, actor="admin@other.test"
+        )
+    # A source Recon has never seen: acme has Recon off, the default tenant not.
+    gw.wait_for(
+        "the override in force",
+        lambda: run(_policy(gw.policy_port, "198.51.100.7", "carol@other.test")) == "action=DUNNO",
+    )
+    deferred = run(_policy(gw.policy_port, "198.51.100.8", "ann@example.test"))
+    assert deferred.startswith("action=DEFER_IF_PERMIT 4.7.1 Greylisted"), deferred

@@ -93,6 +93,10 @@ class PolicyService:
         self.metrics = metrics
         self._clients = [ipaddress.ip_network(n) for n in settings.policy.policy_clients]
         self._trusted = [ipaddress.ip_network(n) for n in settings.domains.trusted_networks]
+        # The settings in force for a recipient's domain (a tenant's, with
+        # the database's overrides, under `kith serve`); None: `settings`.
+        # Recon and SPF follow them; Reputation is the process's.
+        self.settings_for: Callable[[str], config.Settings] | None = None
         # Headers already prepended per Postfix `instance` (one per message):
         # Postfix asks once per recipient, a header belongs once per message.
         self._prepended: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
@@ -132,10 +136,13 @@ class PolicyService:
             folded_rcpt = normalize_address(recipient)
         except InvalidInputError:
             folded_rcpt = recipient.lower() or "<>"
+        policy = self.settings
+        if self.settings_for is not None:
+            policy = self.settings_for(folded_rcpt.rpartition("@")[2])
         t0 = time.perf_counter()
         rv = await recon_layer.check(
             self.core,
-            self.settings.recon,
+            policy.recon,
             [],
             client_ip=ip,
             mail_from=sender,
@@ -154,7 +161,7 @@ class PolicyService:
             return self._log(attrs, rep, _action(rep))
 
         if self.settings.policy.spf:
-            sv, header = await self._spf(ip, sender, attrs.get("helo_name", ""))
+            sv, header = await self._spf(ip, sender, attrs.get("helo_name", ""), policy.spf)
             if sv.acts:
                 return self._log(attrs, sv, _action(sv))
             if header:
@@ -163,7 +170,9 @@ class PolicyService:
             return self._log(attrs, rv, self._prepend(instance, "X-Kithmail-Recon", "passed"))
         return self._log(attrs, rv, DUNNO)
 
-    async def _spf(self, ip: str, sender: str, helo: str) -> tuple[Verdict, str]:
+    async def _spf(
+        self, ip: str, sender: str, helo: str, spf: config.Spf | None = None
+    ) -> tuple[Verdict, str]:
         """Layer 3's SPF check (MAIL FROM, and HELO), as `[spf]` says to act on it.
 
         Returns the verdict and a Received-SPF value (RFC 7208 §9.1) to
@@ -172,7 +181,7 @@ class PolicyService:
         """
         v = await spf_layer.check(
             self._spf_checker,
-            self.settings.spf,
+            spf or self.settings.spf,
             AuthResults(),
             client_ip=ip,
             helo=helo,

@@ -490,6 +490,10 @@ async def _run_gateway(
             clock=clock,
             metrics=Metrics("policy"),
         )
+        # Recon and SPF by the recipient's tenant, overrides included.
+        policy.settings_for = lambda domain: (
+            p.settings if (p := policies.for_domain(domain)) else overrides.effective(None)
+        )
         servers += await policy.start(settings.server.listeners.policy, reuse_port=reuse_port)
         for spec in settings.server.listeners.policy:
             log.info("policy service on %s (pid %d)", spec, os.getpid())
@@ -497,6 +501,11 @@ async def _run_gateway(
     digests: asyncio.Task[None] | None = None
     public: asyncio.Task[None] | None = None
     web: asyncio.Task[None] | None = None
+
+    async def policy_changed() -> None:
+        # This worker at once; the others within a second (the generations).
+        overrides.refresh()
+
     if index == 0 and settings.server.listeners.web:
         from kithmail.web import Services, serve_web
         from kithmail.web import make_app as make_web_app
@@ -512,6 +521,7 @@ async def _run_gateway(
             data_dir=data_dir,
             multiprocess_metrics=settings.server.workers > 1,
             overrides=overrides,
+            on_policy_change=policy_changed,
         )
         web_app = make_web_app(services)
         web_app.state.stats = stats  # the dashboard flushes this worker's counts before reading
