@@ -46,6 +46,7 @@ __all__ = [
     "SmtpMetrics",
     "StateCollector",
     "WorkerProcessCollector",
+    "declare",
     "dns_query",
     "multiprocess_dir",
     "quarantine_expired",
@@ -243,11 +244,8 @@ DNS_RESULTS = frozenset({"answer", "nxdomain", "nodata", "timeout", "failure", "
 _DNS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def dns_query(
-    rdtype: str, result: str, seconds: float, *, registry: CollectorRegistry = REGISTRY
-) -> None:
-    """Count one DNS query (`rdtype` and `result` outside their closed sets count as "other")."""
-    queries, latency = _lazy(
+def _dns(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
+    return _lazy(
         registry,
         "dns",
         lambda: (
@@ -267,6 +265,13 @@ def dns_query(
             ),
         ),
     )
+
+
+def dns_query(
+    rdtype: str, result: str, seconds: float, *, registry: CollectorRegistry = REGISTRY
+) -> None:
+    """Count one DNS query (`rdtype` and `result` outside their closed sets count as "other")."""
+    queries, latency = _dns(registry)
     t = rdtype if rdtype in DNS_TYPES else "other"
     queries.labels(t, result if result in DNS_RESULTS else "other").inc()
     latency.labels(t).observe(seconds)
@@ -311,11 +316,8 @@ def sav_challenge(result: str, n: int = 1, *, registry: CollectorRegistry = REGI
         _sav_challenges(registry).labels(result if result in SAV_RESULTS else "other").inc(n)
 
 
-def sav_suppressed(
-    reason: str, reasons: Iterable[str], *, registry: CollectorRegistry = REGISTRY
-) -> None:
-    """Count one challenge not sent, by its reason code (one of `reasons`, else "other")."""
-    c = _lazy(
+def _sav_suppressed(registry: CollectorRegistry) -> Counter:
+    return _lazy(
         registry,
         "sav_suppressed",
         lambda: Counter(
@@ -326,7 +328,26 @@ def sav_suppressed(
             registry=registry,
         ),
     )
-    c.labels(reason if reason in reasons else "other").inc()
+
+
+def sav_suppressed(
+    reason: str, reasons: Iterable[str], *, registry: CollectorRegistry = REGISTRY
+) -> None:
+    """Count one challenge not sent, by its reason code (one of `reasons`, else "other")."""
+    _sav_suppressed(registry).labels(reason if reason in reasons else "other").inc()
+
+
+def declare(registry: CollectorRegistry = REGISTRY) -> None:
+    """Make the families that are otherwise made at first use, at zero.
+
+    Called by the process that serves /metrics, after the fork, before its
+    first page: a dashboard or an alert then finds every family even before
+    the first DNS query, challenge or expiry.
+    """
+    _dns(registry)
+    _sav_challenges(registry)
+    _sav_suppressed(registry)
+    quarantine_expired(0, registry=registry)
 
 
 # ---------------------------------------------------------------- state read at scrape time

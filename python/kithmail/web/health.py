@@ -26,7 +26,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from kithmail.metrics import StateCollector, render
+from kithmail.metrics import StateCollector, declare, render
 from kithmail.web.services import Services
 
 __all__ = ["router"]
@@ -101,6 +101,7 @@ def _collectors(request: Request) -> list[Collector]:
     made: list[Collector] | None = getattr(request.app.state, "metric_collectors", None)
     if made is None:
         s = _services(request)
+        declare()
         made = [
             StateCollector(
                 core_stats=s.core.stats,
