@@ -9,10 +9,14 @@ over the same database file.
 
 from __future__ import annotations
 
+import http.client
 import re
+import ssl
 import time
 from collections.abc import Iterator
+from http.client import HTTPResponse
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -302,3 +306,37 @@ def test_failed_logins_are_limited_per_account_and_per_ip(tmp_path: Path) -> Non
         gw.advance(10 * 60 + 1)
         assert Web(gw).login(ANN).status_code == 303
         assert Web(gw).login("cat@example.test").status_code == 303
+
+
+def test_over_tls_the_cookies_are_secure(tmp_path: Path) -> None:
+    with running_gateway(tmp_path / "gw", users=(ANN,), sections={"web": {"tls": True}}) as gw:
+        # The gateway's own self-signed certificate (it names mx.kithmail.test).
+        ctx = ssl.create_default_context(cafile=str(gw.data_dir / "tls" / "cert.pem"))
+        ctx.check_hostname = False
+
+        def call(method: str, path: str, body: str = "", cookie: str = "") -> HTTPResponse:
+            conn = http.client.HTTPSConnection("127.0.0.1", gw.web_port, context=ctx, timeout=10)
+            headers = {"Cookie": cookie} if cookie else {}
+            if body:
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
+            conn.request(method, path, body=body or None, headers=headers)
+            r = conn.getresponse()
+            r.read()
+            conn.close()
+            return r
+
+        form = call("GET", "/login")
+        pre = form.getheader("set-cookie") or ""
+        assert pre.startswith("kith_login=") and "Secure" in pre and "HttpOnly" in pre
+        token = pre.split(";", 1)[0].split("=", 1)[1]
+        body = urlencode({"address": ANN, "password": PASSWORD, "login_csrf": token})
+        r = call("POST", "/login", body, cookie=f"kith_login={token}")
+        assert r.status == 303
+        cookies = r.headers.get_all("set-cookie") or []
+        (session,) = [c for c in cookies if c.startswith("kith_session=")]
+        assert "Secure" in session and "HttpOnly" in session and "SameSite=lax" in session
+        me = call("GET", "/api/v1/me", cookie=session.split(";", 1)[0])
+        assert me.status == 200
+        # Plain HTTP on the same port is not answered as a page.
+        with pytest.raises((requests.ConnectionError, requests.exceptions.SSLError)):
+            requests.get(f"http://127.0.0.1:{gw.web_port}/login", timeout=5)

@@ -507,7 +507,7 @@ async def _run_gateway(
         overrides.refresh()
 
     if index == 0 and settings.server.listeners.web:
-        from kithmail.web import Services, serve_web
+        from kithmail.web import Services, serve_web, web_tls_files
         from kithmail.web import make_app as make_web_app
 
         services = Services(
@@ -525,9 +525,18 @@ async def _run_gateway(
         )
         web_app = make_web_app(services)
         web_app.state.stats = stats  # the dashboard flushes this worker's counts before reading
-        web = asyncio.create_task(serve_web(web_app, settings.server.listeners.web))
+        cert_key = web_tls_files(settings)  # [web] tls: HTTPS with the server's certificate
+        web = asyncio.create_task(
+            serve_web(
+                web_app,
+                settings.server.listeners.web,
+                ssl_certfile=cert_key[0] if cert_key else None,
+                ssl_keyfile=cert_key[1] if cert_key else None,
+            )
+        )
         for spec in settings.server.listeners.web:
-            log.info("web UI, API and /metrics on http://%s (pid %d)", spec, os.getpid())
+            scheme = "https" if cert_key else "http"
+            log.info("web UI, API and /metrics on %s://%s (pid %d)", scheme, spec, os.getpid())
     if queue is not None:
         await queue.start()
         sweeper = asyncio.create_task(_sweep_quarantine(quarantine, sav))

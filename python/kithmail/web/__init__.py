@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from kithmail import config
 from kithmail.web.api import router as api_router
 from kithmail.web.auth import LoginLimiter
 from kithmail.web.errors import install_error_handlers
@@ -39,7 +40,7 @@ from kithmail.web.services import Services
 from kithmail.web.templating import STATIC_DIR
 from kithmail.web.user import router as user_router
 
-__all__ = ["Services", "make_app", "serve_web"]
+__all__ = ["Services", "make_app", "serve_web", "web_tls_files"]
 
 
 def make_app(services: Services) -> FastAPI:
@@ -66,6 +67,23 @@ def make_app(services: Services) -> FastAPI:
     app.include_router(api_admin.router)
     # ---
     return app
+
+
+def web_tls_files(settings: config.Settings) -> tuple[str, str] | None:
+    """The certificate and key files the web listener serves HTTPS with; None for plain HTTP.
+
+    With ``[web] tls``: ``[server] tls_cert``/``tls_key`` when set, else the
+    gateway's self-signed pair (`kithmail.tls.ensure_certificate`).
+    """
+    if not settings.web.tls:
+        return None
+    from kithmail import tls
+
+    server = settings.server
+    if server.tls_cert is not None and server.tls_key is not None:
+        return str(server.tls_cert), str(server.tls_key)
+    cert, key = tls.ensure_certificate(server.data_dir, server.hostname)
+    return str(cert), str(key)
 
 
 class _Server(uvicorn.Server):
