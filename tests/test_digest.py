@@ -33,6 +33,7 @@ import pytest
 from clamd_server import EICAR, clamd_server
 from dns_server import Dnsmasq, StartDnsmasq
 from gateway import Gateway, run, running_gateway, send
+from prometheus_client import REGISTRY
 
 from kithmail import digest
 from kithmail.db import Database
@@ -305,6 +306,18 @@ def test_links_refuse_tampering_other_users_cross_site_blind_and_expired(gw: Gat
     assert http(ann, {"form": "0" * 32}, origin(gw))[0] == 400
     assert held_ids(gw, ANN) == [ann_qid]
 
+    # A disabled account's links do nothing.
+    database = Database.open(gw.data_dir / "kithmail.db")
+    try:
+        database.set_disabled(ANN, True)
+        status, body = http(ann)
+        assert status == 403 and "disabled" in body
+        assert http(ann, page_form, origin(gw))[0] == 403
+        database.set_disabled(ANN, False)
+    finally:
+        database.close()
+    assert held_ids(gw, ANN) == [ann_qid]
+
     # After link_ttl the link is refused, with a page that says so.
     gw.advance(72 * 3600)
     status, body = http(ann)
@@ -387,3 +400,54 @@ def test_kith_digest_send_now_and_the_daily_pass_do_not_repeat(gw: Gateway) -> N
     assert "no digest due" in gw.kith("digest", "send").stdout
     bad = gw.kith("digest", "send", "--user", "nobody@example.test", check=False)
     assert bad.returncode == 1 and "nobody@example.test" in bad.stderr
+
+
+def test_a_digest_that_cannot_be_spooled_is_sent_at_the_next_pass(tmp_path: Path) -> None:
+    """digest_last moves only once the spool has the digest: a failure repeats, never skips."""
+    from kithmail import config
+    from kithmail.layers import Action, Layer, Verdict
+    from kithmail.quarantine import Quarantine
+    from kithmail.spool import Envelope, Outcome, Recipient, Spool, SpoolFullError
+
+    settings = config.from_mapping({"server": {"data_dir": str(tmp_path)}})
+    database = Database.open(tmp_path / "kithmail.db")
+    try:
+        database.sync_domains(settings.domains.local)
+        user, _ = database.add_user(ANN)
+        spool = Spool(tmp_path / "spool")
+        why = Verdict(Layer.COMMUNITY, Action.QUARANTINE, "community.unknown", "unknown")
+        env = Envelope(
+            received=1_000_000.0,
+            client_ip="192.0.2.1",
+            helo="x",
+            mail_from="eve@remote.test",
+            recipients=(Recipient(ANN, Outcome.QUARANTINE, (why,)),),
+            tenant="default",
+        )
+        qid = spool.accept_sync(env, mail("held while the disk was full"))
+        q = Quarantine(database, spool)
+        assert q.index_sync(qid) == 1
+        d = digest.Digest(database, q, settings)
+        notified: list[str] = []
+        now = 2_000_000.0
+
+        def last() -> object:
+            rows = database.read("SELECT digest_last FROM user_prefs WHERE user_id = ?", (user.id,))
+            return rows[0][0] if rows else None
+
+        full = Spool(tmp_path / "spool", reserve_bytes=1 << 62)  # refuses every message
+        failures = REGISTRY.get_sample_value("kithmail_digest_failures_total") or 0.0
+        assert d.pass_sync(full, notified.append, now=now) == []
+        assert REGISTRY.get_sample_value("kithmail_digest_failures_total") == failures + 1
+        assert last() is None and notified == []
+        with pytest.raises(SpoolFullError):
+            d.send_sync(d.due_sync(now=now)[0], full, now=now)
+
+        sent = d.pass_sync(spool, notified.append, now=now)
+        assert [u for u, _ in sent] == [ANN] and notified == [sent[0][1]]
+        assert last() == int(now) - digest.SETTLE
+        body = spool.load_sync(sent[0][1]).read_bytes()
+        assert b"held while the disk was full" in body
+        assert d.pass_sync(spool, notified.append, now=now + 60) == []
+    finally:
+        database.close()

@@ -220,8 +220,8 @@ class Link:
 
 
 def _field(value: str) -> bytes:
-    b = value.encode("utf-8")
-    return len(b).to_bytes(2, "big") + b[:0xFFFF]
+    b = value.encode("utf-8")[:0xFFFF]  # an address or a queue id: far shorter
+    return len(b).to_bytes(2, "big") + b
 
 
 def _mac(
