@@ -779,6 +779,10 @@ def _tenants_for(s: Services, p: Principal) -> list[str]:
 Str = Annotated[str, Form(max_length=MAX_ADDRESS)]
 Name = Annotated[str, Form(max_length=MAX_NAME + 1)]
 OptName = Annotated[str, Form(max_length=MAX_NAME + 1)]
+# A policy form's scope: a tenant's name, or empty (FastAPI reads an empty
+# field as absent) for the admin's own: a tenant admin's tenant, a global
+# admin's global overrides. A tenant admin has no way to name the defaults.
+ScopeForm = Annotated[str | None, Form(max_length=MAX_NAME + 1)]
 TenantQ = Annotated[str, Query(max_length=MAX_NAME + 1)]
 FilterQ = Annotated[str, Query(max_length=MAX_FILTER)]
 
@@ -1017,10 +1021,10 @@ async def policy_set(
     p: Admin,
     key: Annotated[str, Form(max_length=200)],
     value: Annotated[str, Form(max_length=MAX_VALUE)] = "",
-    tenant: OptName = "",
+    tenant: ScopeForm = None,
 ) -> Response:
     s = services_of(request)
-    scope = policy_scope(p, tenant if p.is_global else (tenant or None))
+    scope = policy_scope(p, tenant)
     await op_set_policy(s, p, scope, key, form_value(key_kind(key), value))
     return _back("/admin/policy", "policy_set", tenant=scope or None)
 
@@ -1030,10 +1034,10 @@ async def policy_unset(
     request: Request,
     p: Admin,
     key: Annotated[str, Form(max_length=200)],
-    tenant: OptName = "",
+    tenant: ScopeForm = None,
 ) -> Response:
     s = services_of(request)
-    scope = policy_scope(p, tenant if p.is_global else (tenant or None))
+    scope = policy_scope(p, tenant)
     await op_unset_policy(s, p, scope, key)
     return _back("/admin/policy", "policy_unset", tenant=scope or None)
 
