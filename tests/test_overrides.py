@@ -29,6 +29,7 @@ from kithmail.tenants import Policies, TenantPolicy
 
 OUTSIDE = "127.0.0.70"
 SOFT = ("soft.test", "v=spf1 ip4:192.0.2.0/24 ~all")  # 127.0.0.70 is not in it: softfail
+DNSBL = "bl.test"
 
 
 # --------------------------------------------------------------- without a server
@@ -239,7 +240,8 @@ def test_an_override_the_file_no_longer_allows_is_skipped_not_fatal(
 
 @pytest.fixture
 def zones(dnsmasq: StartDnsmasq) -> Dnsmasq:
-    return dnsmasq(zones=("soft.test",), txt=[SOFT])
+    # bl.test is a DNSBL that lists OUTSIDE.
+    return dnsmasq(zones=("soft.test", DNSBL), txt=[SOFT], a=[(f"70.0.0.127.{DNSBL}", "127.0.0.2")])
 
 
 @pytest.fixture
@@ -350,3 +352,31 @@ def test_the_policy_service_follows_the_recipients_tenant(two_tenants: Gateway) 
     )
     deferred = run(_policy(gw.policy_port, "198.51.100.8", "ann@example.test"))
     assert deferred.startswith("action=DEFER_IF_PERMIT 4.7.1 Greylisted"), deferred
+
+
+def test_a_tenants_dnsbl_refuses_only_its_mail_at_both_fronts(two_tenants: Gateway) -> None:
+    gw = two_tenants
+    with Database.open(gw.data_dir / "kithmail.db") as d:
+        Overrides(d, lambda: config.load(gw.config)).set(
+            "acme", "reputation.dnsbl", [DNSBL], actor="admin@other.test"
+        )
+
+    async def rcpt(rcpt: str) -> str:
+        c, _ = await Client.connect(gw.port, OUTSIDE)
+        try:
+            await c.cmd("EHLO client.example")
+            await c.cmd("MAIL FROM:<x@example.org>")
+            return str(await c.cmd(f"RCPT TO:<{rcpt}>"))
+        finally:
+            await c.close()
+
+    refused = gw.wait_for(
+        "the override in force",
+        lambda: (r := run(rcpt("carol@other.test"))).startswith("554") and r,
+    )
+    assert f"5.7.1 Service unavailable; client host [{OUTSIDE}] blocked using {DNSBL}" in refused
+    assert run(rcpt("ann@example.test")).startswith("250")
+    # The Postfix policy service asks the same DNSBL for acme's recipients only.
+    answer = run(_policy(gw.policy_port, OUTSIDE, "carol@other.test"))
+    assert answer.startswith("action=554 5.7.1") and DNSBL in answer, answer
+    assert run(_policy(gw.policy_port, OUTSIDE, "ann@example.test")) == "action=DUNNO"

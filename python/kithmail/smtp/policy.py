@@ -95,8 +95,10 @@ class PolicyService:
         self._trusted = [ipaddress.ip_network(n) for n in settings.domains.trusted_networks]
         # The settings in force for a recipient's domain (a tenant's, with
         # the database's overrides, under `kith serve`); None: `settings`.
-        # Recon and SPF follow them; Reputation is the process's.
+        # Recon and SPF follow them, and Reputation too when
+        # `reputation_for` gives the layer for such settings.
         self.settings_for: Callable[[str], config.Settings] | None = None
+        self.reputation_for: Callable[[config.Settings], Reputation] | None = None
         # Headers already prepended per Postfix `instance` (one per message):
         # Postfix asks once per recipient, a header belongs once per message.
         self._prepended: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
@@ -126,19 +128,22 @@ class PolicyService:
         instance = attrs.get("instance", "")
         now = int(self.clock())
 
-        # A local allow-list match ends the question, Recon included.
-        # (In shadow mode the match is recorded but does not skip Recon.)
-        allow = self.reputation.allowlisted(addr)
-        if allow is not None and not allow.shadow:
-            return self._log(attrs, allow, DUNNO)
-
         try:
             folded_rcpt = normalize_address(recipient)
         except InvalidInputError:
             folded_rcpt = recipient.lower() or "<>"
         policy = self.settings
+        reputation = self.reputation
         if self.settings_for is not None:
             policy = self.settings_for(folded_rcpt.rpartition("@")[2])
+            if self.reputation_for is not None:
+                reputation = self.reputation_for(policy)
+
+        # A local allow-list match ends the question, Recon included.
+        # (In shadow mode the match is recorded but does not skip Recon.)
+        allow = reputation.allowlisted(addr)
+        if allow is not None and not allow.shadow:
+            return self._log(attrs, allow, DUNNO)
         t0 = time.perf_counter()
         rv = await recon_layer.check(
             self.core,
@@ -155,7 +160,7 @@ class PolicyService:
             return self._log(attrs, rv, _action(rv))
 
         t0 = time.perf_counter()
-        rep = await self.reputation.check(addr)
+        rep = await reputation.check(addr)
         self._timed("reputation", t0)
         if rep.acts:
             return self._log(attrs, rep, _action(rep))

@@ -316,7 +316,7 @@ async def _run_gateway(
     from kithmail.smtp.submission import Submission
     from kithmail.spool import Envelope, Outcome, Spool
     from kithmail.stats import Stats
-    from kithmail.tenants import Policies
+    from kithmail.tenants import Policies, TenantPolicy
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -494,6 +494,7 @@ async def _run_gateway(
         policy.settings_for = lambda domain: (
             p.settings if (p := policies.for_domain(domain)) else overrides.effective(None)
         )
+        policy.reputation_for = lambda s: gw.pipeline.reputation(TenantPolicy("", s))
         servers += await policy.start(settings.server.listeners.policy, reuse_port=reuse_port)
         for spec in settings.server.listeners.policy:
             log.info("policy service on %s (pid %d)", spec, os.getpid())
