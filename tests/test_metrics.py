@@ -178,3 +178,23 @@ def test_retention_counts_expired_copies(tmp_path: Path) -> None:
         assert expired() == before + 2
     finally:
         world.db.close()
+
+
+def test_recon_rows_are_swept_after_their_time(tmp_path: Path) -> None:
+    """A never-retried source is forgotten after retry_window (the privacy promise of docs/retention.md)."""
+    with running_gateway(tmp_path / "gw", sections={"recon": {"retry_window": "1h"}}) as gw:
+        for source in ("127.0.0.2", "127.0.0.3"):
+            r = run(send(gw.port, source, "carl@remote.test", ["ann@example.test"]))
+            assert r[2].code == 451, r
+        gw.wait_for(
+            "two Recon rows",
+            lambda: scrape(gw.web_port).value("kithmail_core_rows", table="recon") == 2,
+        )
+        # The sweep runs at start and every minute; a restart after the
+        # window has passed (on the test clock) shows it without waiting.
+        gw.advance(3601)
+        gw.restart()
+        gw.wait_for(
+            "the rows swept",
+            lambda: scrape(gw.web_port).value("kithmail_core_rows", table="recon") == 0,
+        )

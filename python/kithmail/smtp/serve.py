@@ -540,7 +540,7 @@ async def _run_gateway(
             log.info("web UI, API and /metrics on %s://%s (pid %d)", scheme, spec, os.getpid())
     if queue is not None:
         await queue.start()
-        sweeper = asyncio.create_task(_sweep_quarantine(quarantine, sav))
+        sweeper = asyncio.create_task(_sweep_quarantine(quarantine, sav, core.recon, clock))
         from kithmail.digest import Digest, run_scheduler
 
         digest = Digest(database, quarantine, settings, core=core, clock=clock, signer=sav.signer)
@@ -620,11 +620,24 @@ async def _flush_stats(stats: Any, database: Any, every: float = 10.0) -> None:
             log.exception("stats flush failed; the counts are kept for the next one")
 
 
-async def _sweep_quarantine(quarantine: Any, sav: Any, every: float = 60.0) -> None:
-    """Retention: expired held copies and challenges go, a bounded batch at a time."""
+async def _sweep_quarantine(
+    quarantine: Any,
+    sav: Any,
+    recon: Any = None,
+    clock: Callable[[], float] = time.time,
+    every: float = 60.0,
+) -> None:
+    """Retention: expired held copies, challenges and Recon rows go, a bounded batch at a time.
+
+    Recon rows (masked source addresses) are kept while their pass is valid
+    (`pass_ttl` after the last accepted mail) or, never retried, for
+    `retry_window` (docs/retention.md).
+    """
     while True:
         try:
             await asyncio.to_thread(sav.sweep)
+            if recon is not None:
+                await asyncio.to_thread(recon.sweep, int(clock()), 10000)
             swept = await quarantine.sweep()
             if swept.deleted:
                 log.info("quarantine sweep: %d expired copies deleted", swept.deleted)
