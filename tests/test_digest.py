@@ -14,6 +14,7 @@ dnsmasq; the anti-virus hold uses a real clamd with the tests' signatures.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import re
@@ -35,9 +36,13 @@ from dns_server import Dnsmasq, StartDnsmasq
 from gateway import Gateway, run, running_gateway, send
 from prometheus_client import REGISTRY
 
-from kithmail import digest
+from kithmail import config, digest
 from kithmail.db import Database
 from kithmail.dkimkeys import keygen
+from kithmail.layers import Action as LayerAction
+from kithmail.layers import Layer, Verdict
+from kithmail.quarantine import Quarantine
+from kithmail.spool import Envelope, Outcome, Recipient, Spool, SpoolFullError
 
 OUTSIDE = "127.0.0.70"
 ANN, BOB = "ann@example.test", "bob@example.test"
@@ -77,7 +82,7 @@ def held_ids(gw: Gateway, user: str) -> list[str]:
 
 def digests(gw: Gateway, user: str) -> list[EmailMessage]:
     return [
-        email.message_from_bytes(m, policy=email.policy.default)  # type: ignore[misc]
+        email.message_from_bytes(m, policy=email.policy.default)
         for m in gw.messages(user)
         if b"Auto-Submitted: auto-generated" in m
     ]
@@ -105,13 +110,13 @@ def next_digest(gw: Gateway, user: str, before: int = 0) -> EmailMessage:
 def text_of(msg: EmailMessage) -> str:
     part = msg.get_body(("plain",))
     assert part is not None
-    return str(part.get_content())  # type: ignore[attr-defined]
+    return str(part.get_content())
 
 
 def html_of(msg: EmailMessage) -> str:
     part = msg.get_body(("html",))
     assert part is not None
-    return str(part.get_content())  # type: ignore[attr-defined]
+    return str(part.get_content())
 
 
 def links(msg: EmailMessage) -> dict[str, list[str]]:
@@ -402,37 +407,59 @@ def test_kith_digest_send_now_and_the_daily_pass_do_not_repeat(gw: Gateway) -> N
     assert bad.returncode == 1 and "nobody@example.test" in bad.stderr
 
 
-def test_a_digest_that_cannot_be_spooled_is_sent_at_the_next_pass(tmp_path: Path) -> None:
-    """digest_last moves only once the spool has the digest: a failure repeats, never skips."""
-    from kithmail import config
-    from kithmail.layers import Action, Layer, Verdict
-    from kithmail.quarantine import Quarantine
-    from kithmail.spool import Envelope, Outcome, Recipient, Spool, SpoolFullError
-
-    settings = config.from_mapping({"server": {"data_dir": str(tmp_path)}})
-    database = Database.open(tmp_path / "kithmail.db")
+@contextlib.contextmanager
+def in_process(
+    root: Path, subjects: list[str], **digest_settings: object
+) -> Iterator[tuple[digest.Digest, Database, Spool, int]]:
+    """A database, a spool holding `subjects` for Ann (held at 1 000 000 + i), and a Digest."""
+    settings = config.from_mapping(
+        {"server": {"data_dir": str(root)}, "digest": dict(digest_settings)}
+    )
+    database = Database.open(root / "kithmail.db")
     try:
         database.sync_domains(settings.domains.local)
         user, _ = database.add_user(ANN)
-        spool = Spool(tmp_path / "spool")
-        why = Verdict(Layer.COMMUNITY, Action.QUARANTINE, "community.unknown", "unknown")
-        env = Envelope(
-            received=1_000_000.0,
-            client_ip="192.0.2.1",
-            helo="x",
-            mail_from="eve@remote.test",
-            recipients=(Recipient(ANN, Outcome.QUARANTINE, (why,)),),
-            tenant="default",
-        )
-        qid = spool.accept_sync(env, mail("held while the disk was full"))
+        spool = Spool(root / "spool")
         q = Quarantine(database, spool)
-        assert q.index_sync(qid) == 1
-        d = digest.Digest(database, q, settings)
+        why = Verdict(Layer.COMMUNITY, LayerAction.QUARANTINE, "community.unknown", "unknown")
+        for i, subject in enumerate(subjects):
+            env = Envelope(
+                received=1_000_000.0 + i,
+                client_ip="192.0.2.1",
+                helo="x",
+                mail_from="eve@remote.test",
+                recipients=(Recipient(ANN, Outcome.QUARANTINE, (why,)),),
+                tenant="default",
+            )
+            assert q.index_sync(spool.accept_sync(env, mail(subject))) == 1
+        yield digest.Digest(database, q, settings), database, spool, user.id
+    finally:
+        database.close()
+
+
+def test_a_digest_lists_at_most_max_items_then_says_how_many_more(tmp_path: Path) -> None:
+    subjects = [f"message {i}" for i in range(7)]
+    with in_process(tmp_path, subjects, max_items=3) as (d, _, spool, _):
+        sent = d.pass_sync(spool, lambda _: None, now=2_000_000.0)
+        assert len(sent) == 1
+        raw = spool.load_sync(sent[0][1]).read_bytes()
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        assert msg["Subject"] == f"Held mail: 7 new messages for {ANN}"
+        text = text_of(msg)
+        listed = [s for s in subjects if s in text]
+        assert listed == ["message 4", "message 5", "message 6"]  # the newest
+        assert "... and 4 more held messages, not listed." in text
+        assert len(LINK.findall(text)) == 6
+
+
+def test_a_digest_that_cannot_be_spooled_is_sent_at_the_next_pass(tmp_path: Path) -> None:
+    """digest_last moves only once the spool has the digest: a failure repeats, never skips."""
+    with in_process(tmp_path, ["held while the disk was full"]) as (d, database, spool, uid):
         notified: list[str] = []
         now = 2_000_000.0
 
         def last() -> object:
-            rows = database.read("SELECT digest_last FROM user_prefs WHERE user_id = ?", (user.id,))
+            rows = database.read("SELECT digest_last FROM user_prefs WHERE user_id = ?", (uid,))
             return rows[0][0] if rows else None
 
         full = Spool(tmp_path / "spool", reserve_bytes=1 << 62)  # refuses every message
@@ -449,5 +476,3 @@ def test_a_digest_that_cannot_be_spooled_is_sent_at_the_next_pass(tmp_path: Path
         body = spool.load_sync(sent[0][1]).read_bytes()
         assert b"held while the disk was full" in body
         assert d.pass_sync(spool, notified.append, now=now + 60) == []
-    finally:
-        database.close()
