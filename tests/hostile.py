@@ -1,0 +1,75 @@
+"""Messages written to attack the page that shows them.
+
+Each carries script where a careless page would run it: a ``<script>``
+subject written plainly, one hidden in an RFC 2047 encoded word, a
+``javascript:`` link and ``<script>`` in the text part, an HTML part with
+``<script>``, ``onload``, a ``javascript:`` link, a ``<meta refresh>`` and a
+remote image (a tracking pixel), and a U+202E RIGHT-TO-LEFT OVERRIDE in
+the From display name, the subject and an attachment's file name
+(``invoice<U+202E>gpj.exe`` reads as ``invoiceexe.jpg``).
+"""
+
+from __future__ import annotations
+
+import base64
+
+RLO = "\u202e"
+SCRIPT_SUBJECT = "<script>alert('subject')</script>"
+ENCODED_SCRIPT = (
+    "=?utf-8?b?" + base64.b64encode(b"<script>alert('encoded')</script>").decode() + "?="
+)
+RLO_NAME = "=?utf-8?b?" + base64.b64encode(f"Bank{RLO}evil".encode()).decode() + "?="
+RLO_FILE = "invoice%E2%80%AEgpj.exe"  # RFC 2231: invoice<U+202E>gpj.exe
+
+TEXT_BODY = (
+    "Dear customer,\r\n"
+    "Click <a href=\"javascript:alert('text-link')\">here</a>\r\n"
+    "<script>alert('text')</script>\r\n"
+    "javascript:alert('bare')\r\n"
+)
+HTML_BODY = (
+    '<html><head><meta http-equiv="refresh" content="0;url=http://evil.test/">'
+    "<script>alert('html')</script></head>"
+    "<body onload=\"alert('onload')\"><p>Your <b>invoice</b></p>"
+    "<a href=\"javascript:alert('html-link')\">pay now</a>"
+    '<img src="http://evil.test/pixel.png" onerror="alert(\'img\')">'
+    "<svg><script>alert('svg')</script></svg></body></html>"
+)
+
+
+def plain(sender: str = "eve@remote.test", rcpt: str = "ann@example.test") -> bytes:
+    """A plain message whose subject is a script tag, written plainly."""
+    return (
+        f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {SCRIPT_SUBJECT}\r\n"
+        "Message-ID: <plain-hostile@remote.test>\r\n\r\n" + TEXT_BODY
+    ).encode()
+
+
+def rich(sender: str = "eve@remote.test", rcpt: str = "ann@example.test") -> bytes:
+    """Encoded-word script subject with a U+202E, text and HTML parts, a U+202E file name."""
+    subject_rlo = "=?utf-8?b?" + base64.b64encode(f"Re: {RLO}txt.exe".encode()).decode() + "?="
+    return (
+        f"From: {RLO_NAME} <{sender}>\r\n"
+        f"To: {rcpt}\r\n"
+        f"Subject: {ENCODED_SCRIPT} {subject_rlo}\r\n"
+        "Message-ID: <rich-hostile@remote.test>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="b1"\r\n'
+        "\r\n"
+        "--b1\r\n"
+        'Content-Type: multipart/alternative; boundary="b2"\r\n'
+        "\r\n"
+        "--b2\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "\r\n" + TEXT_BODY + "--b2\r\n"
+        "Content-Type: text/html; charset=utf-8\r\n"
+        "\r\n" + HTML_BODY + "\r\n"
+        "--b2--\r\n"
+        "--b1\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Disposition: attachment; filename*=utf-8''{RLO_FILE}\r\n"
+        "Content-Transfer-Encoding: base64\r\n"
+        "\r\n"
+        "TVqQAAMAAAAEAAAA\r\n"
+        "--b1--\r\n"
+    ).encode()
