@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar, cast
@@ -502,6 +503,10 @@ def _entry(text: str) -> str:
     text = text.strip()
     if not text or len(text) > 512:
         raise ApiError(422, "invalid", "an entry is an address, @domain or list:<List-Id>")
+    # Invisible and bidirectional formatting characters make an entry read
+    # as something else; white space and controls are never part of one.
+    if any(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs") for c in text):
+        raise ApiError(422, "invalid", "an entry holds no spaces, controls or invisible characters")
     try:
         return normalize_entry(text)
     except (InvalidInputError, ValueError) as e:
