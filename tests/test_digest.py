@@ -51,7 +51,7 @@ LINK = re.compile(r"http://127\.0\.0\.1:\d+/digest/[a-z0-9]+")
 SECTIONS: dict[str, dict[str, Any]] = {
     "recon": {"exempt_networks": ["127.0.0.0/24"]},
     "community": {"mode": "enforce", "sav": False},
-    "digest": {"link_ttl": "72h", "max_items": 5},
+    "digest": {"enabled": True, "link_ttl": "72h", "max_items": 5},
 }
 
 
@@ -476,3 +476,14 @@ def test_a_digest_that_cannot_be_spooled_is_sent_at_the_next_pass(tmp_path: Path
         body = spool.load_sync(sent[0][1]).read_bytes()
         assert b"held while the disk was full" in body
         assert d.pass_sync(spool, notified.append, now=now + 60) == []
+
+
+def test_with_digests_off_no_digest_is_sent(tmp_path: Path) -> None:
+    sections = {**SECTIONS, "digest": {"enabled": False}}
+    with running_gateway(tmp_path / "gw", sections=sections) as gw:
+        hold(gw, [ANN], mail("quiet"))
+        gw.advance(DAY)
+        refused = gw.kith("digest", "send", "--now", check=False)
+        assert refused.returncode == 1 and "enabled = false" in refused.stderr
+        assert passes(gw) == 0 and digests(gw, ANN) == []
+        assert len(held_ids(gw, ANN)) == 1
