@@ -14,11 +14,14 @@ from kithmail import CoreError, config
 
 def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from kithmail.cli import CommandError
+    from kithmail.db import SchemaTooNewError
     from kithmail.smtp.serve import serve_gateway
 
     try:
         return serve_gateway(settings, test_hooks=args.test_hooks)
     except CoreError as e:
+        raise CommandError(str(e)) from e
+    except SchemaTooNewError as e:  # data written by a newer kithmail: docs/upgrade.md
         raise CommandError(str(e)) from e
     except OSError as e:
         raise CommandError(f"cannot start: {e.strerror or e}") from e

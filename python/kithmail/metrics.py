@@ -527,6 +527,9 @@ class WorkerProcessCollector(Collector):
         }
         try:
             boot = _boot_time()
+        except OSError:  # /proc/stat hidden (a sandbox): start times only are lost
+            boot = 0.0
+        try:
             pids = [("main", self.supervisor)] + [
                 (str(i), pid) for i, pid in enumerate(_children(self.supervisor))
             ]
@@ -541,7 +544,8 @@ class WorkerProcessCollector(Collector):
             fams["cpu"].add_metric([label], (int(f[11]) + int(f[12])) / _TICKS)
             fams["vms"].add_metric([label], int(f[20]))
             fams["rss"].add_metric([label], int(f[21]) * _PAGE)
-            fams["start"].add_metric([label], boot + int(f[19]) / _TICKS)
+            if boot:
+                fams["start"].add_metric([label], boot + int(f[19]) / _TICKS)
             fams["fds"].add_metric([label], fds)
         yield from fams.values()
 
