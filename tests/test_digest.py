@@ -14,10 +14,13 @@ dnsmasq; the anti-virus hold uses a real clamd with the tests' signatures.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.policy
 import re
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,6 +44,7 @@ from kithmail.db import Database
 from kithmail.dkimkeys import keygen
 from kithmail.layers import Action as LayerAction
 from kithmail.layers import Layer, Verdict
+from kithmail.public import SECURITY_HEADERS, bind, make_app, serve_public
 from kithmail.quarantine import Quarantine
 from kithmail.spool import Envelope, Outcome, Recipient, Spool, SpoolFullError
 
@@ -487,3 +491,56 @@ def test_with_digests_off_no_digest_is_sent(tmp_path: Path) -> None:
         assert refused.returncode == 1 and "enabled = false" in refused.stderr
         assert passes(gw) == 0 and digests(gw, ANN) == []
         assert len(held_ids(gw, ANN)) == 1
+
+
+@contextlib.contextmanager
+def public_app(app: Any) -> Iterator[int]:
+    """`serve_public` in a thread of its own on a listening socket; its port."""
+    socks = bind(["127.0.0.1:0"])
+    port = socks[0].getsockname()[1]
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        holder["loop"] = asyncio.get_running_loop()
+        holder["task"] = asyncio.ensure_future(serve_public(app, [], sockets=socks))
+        ready.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder["task"]
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield port
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["task"].cancel)
+        thread.join(10)
+
+
+def test_a_fault_of_ours_is_a_503_with_the_security_headers_never_a_500(tmp_path: Path) -> None:
+    with in_process(tmp_path, ["a", "b"]) as (d, database, _, uid):
+        app = make_app(d.settings, database, None, digest=d)
+        copies = d.quarantine.list_sync(ANN)
+        expires = int(time.time()) + 3600
+        first, second = (
+            d.make_token(digest.Action.RELEASE, uid, ANN, h.queue_id, h.rcpt_index, expires)
+            for h in copies
+        )
+        with public_app(app) as port:
+            base = f"http://127.0.0.1:{port}/digest/"
+            status, body = http(base + first)
+            assert status == 200
+            status, body = http(base + first, form(body))
+            assert status == 200 and "Released" in body
+            assert [h.subject for h in d.quarantine.list_sync(ANN)] == [copies[1].subject]
+            tag = form(http(base + second)[1])
+            database.close()  # now every read fails
+            for got in (http(base + second), http(base + second, tag)):
+                assert got[0] == 503 and "try again later" in got[1]
+            req = urllib.request.Request(base + second)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            with e.value:
+                for name, value in SECURITY_HEADERS:
+                    assert e.value.headers[name.decode()] == value.decode()

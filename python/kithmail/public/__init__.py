@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import html
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -177,6 +178,31 @@ def _refusal(reason: str) -> HTMLResponse:
 
 def _when(ts: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _never_500(handler: Handler) -> Handler:
+    """A fault of ours (a database that cannot be read, …) is a polite 503, never a 500.
+
+    Inside the routes, so the answer still carries the security headers.
+    """
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception:
+            log.exception("public page: %s %s failed", request.method, request.url.path[:20])
+            return _page(
+                "Please try again later",
+                "<p>Something went wrong on our side. Nothing was changed; please try "
+                "the link again later.</p>",
+                503,
+            )
+
+    return wrapped
 
 
 class _SecurityHeaders:
@@ -385,16 +411,7 @@ def make_app(
         if not tag_ok(fields, digest.page_tag(token)):
             log.warning("public page: digest POST without the page's form tag refused")
             return _page("Bad request", "<p>Please use the button on the page.</p>", 400)
-        try:
-            result = await digest.act(link)
-        except Exception:
-            log.exception("public page: digest action failed")
-            return _page(
-                "Please try again later",
-                "<p>Something went wrong on our side; nothing was changed, and the link "
-                "still works.</p>",
-                503,
-            )
+        result = await digest.act(link)  # an error un-spends the link: a 503 (_never_500)
         if result in _DIGEST_DONE:
             title, text = _DIGEST_DONE[result]
             return _page(title, f"<p>{html.escape(text)}</p>")
@@ -408,10 +425,10 @@ def make_app(
 
     app = Starlette(
         routes=[
-            Route("/sav/{token}", show, methods=["GET", "HEAD"]),
-            Route("/sav/{token}", confirm, methods=["POST"]),
-            Route("/digest/{token}", digest_show, methods=["GET", "HEAD"]),
-            Route("/digest/{token}", digest_act, methods=["POST"]),
+            Route("/sav/{token}", _never_500(show), methods=["GET", "HEAD"]),
+            Route("/sav/{token}", _never_500(confirm), methods=["POST"]),
+            Route("/digest/{token}", _never_500(digest_show), methods=["GET", "HEAD"]),
+            Route("/digest/{token}", _never_500(digest_act), methods=["POST"]),
         ],
         exception_handlers={404: not_found, 405: not_found},
     )
