@@ -383,3 +383,13 @@ def test_a_global_admin_provisions_a_tenant_by_script(tmp_path: Any) -> None:
             g.stop()
         finally:
             g.kill()
+
+
+def test_the_last_global_admin_cannot_be_demoted_or_disable_themself(gw: Gateway) -> None:
+    script = Bearer(gw, token_for(gw, "root@example.test"))
+    r = script.call("PATCH", f"{API}/users/root@example.test", json={"role": "user"})
+    assert r.status_code == 422 and "last enabled global admin" in r.json()["detail"]
+    r = script.call("PATCH", f"{API}/users/root@example.test", json={"disabled": True})
+    assert r.status_code == 422
+    root = user_row(gw, "root@example.test")
+    assert (root.role, root.disabled) == ("global_admin", False)

@@ -366,17 +366,19 @@ def _one(s: Any, p: Principal, scope: str, key: str) -> PolicyOut:
 # ---------------------------------------------------------------- users
 
 
-@router.get("/users", response_model=list[UserOut], summary="Users this admin manages")
+@router.get("/users", response_model=list[UserOut], summary="Users this admin manages, by address")
 async def users(
     request: Request,
     p: Admin,
     tenant: TenantParam = None,
     q: Filter = "",
     role: Annotated[Literal["", "user", "tenant_admin", "global_admin"], Query()] = "",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> list[UserOut]:
     s = services_of(request)
     found = await asyncio.to_thread(ops.list_users, s, p, tenant, q, role)
-    return [_user(u) for u in found]
+    return [_user(u) for u in found[offset : offset + limit]]
 
 
 @router.post(
