@@ -13,7 +13,7 @@ SOAK_MINUTES ?= 10
 RUST_SRC    := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 STAMP       := $(VENV)/.built-debug
 # Debian packages the tests drive for real (installed by `make test` when missing).
-DEB_PACKAGES := dnsmasq postfix swaks knot clamav-daemon chromium prometheus
+DEB_PACKAGES := dnsmasq postfix swaks knot clamav-daemon chromium prometheus systemd sqlite3 rsync
 # ... and those the benchmarks compare against (installed by `make bench`).
 BENCH_DEB_PACKAGES := postgrey clamdscan
 
