@@ -369,6 +369,8 @@ def row_view(h: Held) -> dict[str, object]:
         "from_addr": visible(h.from_addr, 254),
         "subject": visible(h.subject, 200) or "(no subject)",
         "held_at": h.held_at,
+        "expires_at": h.expires_at,
+        "date": visible(h.date, 64),
         "size": h.size,
         "layer": h.layer,
         "reason": h.reason,
