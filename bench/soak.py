@@ -106,6 +106,7 @@ LISTED_NET = "127.66.0.0/16"
 KNOWN_NET = 20  # known sources: 127.20.0.x
 SAV_ADDRESS = re.compile(rb"sav\+[a-z2-7]+@example\.test", re.IGNORECASE)
 QUEUED_AS = re.compile(r"queued as (\S+)")
+NEW_STRANGER_SHARE = 0.3  # of the strangers' messages: from a sender never seen before
 LEGIT = ("member_known", "member_new", "stranger_known", "stranger_new")
 CLASSES = ("flood", "spam", *LEGIT, "sav_reply")
 # Where in the run (a fraction of it) each event happens.
@@ -242,6 +243,7 @@ class Soak:
         self.accepted: list[Accepted] = []
         self.ambiguous: set[str] = set()  # 250 may have been lost on the wire: a retry may double
         self.flood_n = 0
+        self.new_strangers = 0
         self.new_n = 0
         self.seq = 0
         self.challenges: list[dict[str, Any]] = []
@@ -404,7 +406,15 @@ class Soak:
     def legit_arrival(self, cls: str, port: int) -> Awaitable[Any]:
         user = self.rng.choice(self.users)
         member = cls.startswith("member")
-        sender = self.rng.choice(self.members[user] if member else self.strangers[user])
+        if member:
+            sender = self.rng.choice(self.members[user])
+        elif self.rng.random() < NEW_STRANGER_SHARE:
+            # Someone who never wrote before: a challenge (and maybe a reply) all run long.
+            self.new_strangers += 1
+            n = self.new_strangers
+            sender = f"n{n}@str{n % STRANGER_DOMAINS}.example"
+        else:
+            sender = self.rng.choice(self.strangers[user])
         source = (
             self.rng.choice(self.known_sources) if cls.endswith("known") else self.next_new_source()
         )
@@ -885,7 +895,7 @@ messages_per_sender_per_minute = 10000000
             else:
                 c["lost"] += 1
         # From the 250 to the downstream's record: the queue's part, outage included.
-        delay = array.array("q")
+        delay, delay_down = array.array("q"), array.array("q")
         killed_at = self.events.get("downstream_killed", 0.0)
         restarted = self.events.get("downstream_restarted", 0.0)
         during = after = 0
@@ -893,8 +903,10 @@ messages_per_sender_per_minute = 10000000
             t = times.get((m.sid, m.rcpt))
             if not t:
                 continue
-            delay.append(int(max(0.0, min(t) - m.at) * 1e9))
-            if killed_at and killed_at <= m.at < restarted:
+            down = bool(killed_at) and killed_at <= m.at < restarted
+            if m.cls.startswith("member"):  # delivered at once: no hold, no SAV wait
+                (delay_down if down else delay).append(int(max(0.0, min(t) - m.at) * 1e9))
+            if down:
                 during += 1
                 after += min(t) >= restarted
         sav_at_sink = sum(1 for (sid, _) in got if sid.startswith("sav-"))
@@ -916,8 +928,9 @@ messages_per_sender_per_minute = 10000000
             "unexpected_at_sink": unknown_at_sink,
             "drain_s": drain_s,
             "delivery_delay": {
-                "timed": "the client's 250 to the downstream's record, per delivered message",
-                **lat_json(delay),
+                "timed": "the client's 250 to the downstream's record, members' messages",
+                "downstream_up": lat_json(delay),
+                "accepted_while_down": lat_json(delay_down),
             },
             "outage": {
                 "delivered_accepted_while_down": during,
@@ -1193,6 +1206,7 @@ messages_per_sender_per_minute = 10000000
                 log(f"books: { {k: v for k, v in books.items() if not k.endswith('examples')} }")
                 self.checks_classes()
                 mem = self.memory(seconds)
+                info["disk_bytes"] = self.disk()
                 log(f"memory: { {k: v for k, v in mem.items() if k != 'series'} }")
             finally:
                 if hasattr(self, "gw"):
@@ -1286,13 +1300,16 @@ messages_per_sender_per_minute = 10000000
                 "members_per_user": 8,
                 "member_pool": len(self.member_pool),
                 "strangers_per_user": 4,
+                "strangers_note": "each stranger message is from one of the user's 4 strangers, "
+                "or (30 %) from a new one; those with an even number answer their challenge",
                 "stranger_pool": len(self.stranger_pool),
-                "stranger_replies": "strangers with an even number answer their challenge",
                 "known_sources": len(self.known_sources),
                 "listed_sources": len(self.listed_sources),
                 "listed_network": LISTED_NET,
                 "flood_sources_used": self.flood_n,
                 "new_sources_used": self.new_n,
+                "new_strangers": self.new_strangers,
+                "new_stranger_share": NEW_STRANGER_SHARE,
                 "message_bytes": sorted(len(b) + 300 for b in self.bodies),
             },
             "rates_per_s": {
@@ -1342,6 +1359,22 @@ messages_per_sender_per_minute = 10000000
             "correct": not self.errors,
             "errors": self.errors,
         }
+
+    def disk(self) -> dict[str, int]:
+        """Bytes under the gateway's data directory at the end, per part."""
+        out: dict[str, int] = {}
+        root = self.cfg["data_dir"]
+        for name in sorted(os.listdir(root)):
+            total = 0
+            path = os.path.join(root, name)
+            if os.path.isfile(path):
+                total = os.path.getsize(path)
+            for d, _, files in os.walk(path):
+                for f in files:
+                    with contextlib.suppress(OSError):
+                        total += os.stat(os.path.join(d, f)).st_blocks * 512
+            out[name] = total
+        return out
 
     def reap_workers(self) -> None:
         """Kill any gateway worker left behind by a parent that died (by its pid, checked)."""
