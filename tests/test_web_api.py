@@ -245,3 +245,13 @@ def test_the_password_and_prefs_by_api(gw: Gateway) -> None:
     assert token.get(f"{api}/account/prefs").json() == {"digest": True}
     assert token.put(f"{api}/account/prefs", json={"digest": False}).json() == {"digest": False}
     assert token.put(f"{api}/account/prefs", json={"digest": "maybe"}).status_code == 422
+    # By session: the asking browser keeps a (fresh) session, every other one ends.
+    here, there = logged_in(gw, user, "whatever 123"), logged_in(gw, user, "whatever 123")
+    r = here.s.post(
+        f"{api}/account/password",
+        json={"current": "whatever 123", "new": "and another 1"},
+        headers={"X-CSRF-Token": here.csrf},
+    )
+    assert r.status_code == 200 and "kith_session=" in r.headers["set-cookie"]
+    assert here.get("/api/v1/me").status_code == 200
+    assert there.get("/api/v1/me").status_code == 401

@@ -340,3 +340,18 @@ def test_over_tls_the_cookies_are_secure(tmp_path: Path) -> None:
         # Plain HTTP on the same port is not answered as a page.
         with pytest.raises((requests.ConnectionError, requests.exceptions.SSLError)):
             requests.get(f"http://127.0.0.1:{gw.web_port}/login", timeout=5)
+
+
+def test_the_first_admin_logs_in_with_the_same_form(gw: Gateway) -> None:
+    m = re.search(
+        r"created the admin account (admin@example\.test) with password (\S+) ", gw.log_text()
+    )
+    assert m, "the first start prints the admin's password once"
+    admin = Web(gw)
+    assert admin.login(m[1], m[2]).status_code == 303
+    me = admin.get("/api/v1/me").json()
+    assert (me["address"], me["role"]) == ("admin@example.test", "global_admin")
+    page = admin.get("/quarantine").text
+    # Admins see the admin pages in the navigation; users do not.
+    assert 'href="/admin/' in page
+    assert 'href="/admin/' not in logged_in(gw, BOB).get("/quarantine").text

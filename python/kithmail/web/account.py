@@ -51,8 +51,12 @@ def set_digest(database: Database, user_id: int, on: bool) -> None:
         )
 
 
-async def change_password(request: Request, p: Principal, current: str, new: str) -> str:
+async def change_password(
+    request: Request, p: Principal, current: str, new: str, *, fresh_session: bool = True
+) -> str:
     """Check ``current``, set ``new``, end every session; the secret of a fresh session.
+
+    ``fresh_session`` False (an API token asked): no new session, and "" returned.
 
     `PasswordError`: 429 past the failed-login limits, 403 for a wrong
     current password, 400 for a new one the database refuses (its length).
@@ -88,6 +92,8 @@ async def change_password(request: Request, p: Principal, current: str, new: str
             ) from None
         end_sessions(db, p.user_id)
         db.audit(p.actor, "user.password", tenant=p.tenant, target=p.address)
+        if not fresh_session:
+            return ""
         secret, _ = create_session(db, changed, now=now, ttl_s=web.session_ttl)
         return secret
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kithmail.quarantine import Held
 from kithmail.web import account, community
-from kithmail.web.auth import Principal, principal, services_of
+from kithmail.web.auth import COOKIE, Principal, principal, services_of
 from kithmail.web.errors import ApiError
 from kithmail.web.mail import (
     MAX_BULK,
@@ -451,11 +451,23 @@ async def community_export(request: Request, p: User, user: UserParam = None) ->
     dependencies=[Csrf],
     summary="Change my password (ends every session)",
 )
-async def account_password(request: Request, p: User, body: PasswordIn) -> Ok:
+async def account_password(request: Request, response: Response, p: User, body: PasswordIn) -> Ok:
     try:
-        await account.change_password(request, p, body.current, body.new)
+        secret = await account.change_password(
+            request, p, body.current, body.new, fresh_session=p.via == "session"
+        )
     except account.PasswordError as e:
         raise ApiError(e.status, e.code, e.detail) from None
+    if p.via == "session":
+        # Every session ended; the browser that asked gets a fresh one.
+        response.set_cookie(
+            COOKIE,
+            secret,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+        )
     return Ok()
 
 
