@@ -305,3 +305,39 @@ def test_the_gateway_counts_what_it_decided(tmp_path: Path) -> None:
         ("default", "127.0.0.0/24", "defer", 1),
         ("default", "127.0.0.0/24", "reject", 1),
     ]
+
+
+def test_journal_copies_and_sav_replies_are_not_counted_as_discarded_mail(
+    database: Database,
+) -> None:
+    clock = Clock()
+    s = make(clock)
+    s.transaction(
+        tenant="acme",
+        client="127.0.0.1",
+        trusted=True,
+        reply=None,
+        refused=[],
+        recipients=[
+            Recipient(
+                "journal@example.test",
+                Outcome.DISCARD,
+                (v(Layer.COMMUNITY, Action.DISCARD, "journal.learned"),),
+            ),
+            Recipient(
+                "sav+x@example.test",
+                Outcome.DISCARD,
+                (v(Layer.COMMUNITY, Action.DISCARD, "sav.verified"),),
+            ),
+            Recipient(
+                "ann@example.test",
+                Outcome.DISCARD,
+                (v(Layer.COMMUNITY, Action.DISCARD, "community.blocked"),),
+            ),
+        ],
+    )
+    s.flush_sync(database)
+    assert read_daily(database, [day_of(clock())], "acme") == {
+        ("community", "discard"): 1,
+        ("gateway", "discard"): 1,
+    }

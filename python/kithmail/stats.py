@@ -22,7 +22,8 @@ What is counted, per recipient (one message to three users counts three):
   source: the client's /24 (IPv4) or /48 (IPv6).
 
 Recipients of a transaction that ended without DATA (RSET, QUIT, a
-hang-up) are not counted, except those refused at RCPT. Counts are a
+hang-up) are not counted, except those refused at RCPT; nor are journal
+copies and replies to SAV challenges (discarded by design, not mail). Counts are a
 dashboard, not a ledger: a crash loses at most one flush window of them,
 and a window with more than `MAX_KEYS` distinct keys drops the excess
 (counted in `Stats.dropped`) rather than grow without bound. Source rows
@@ -97,6 +98,12 @@ _REASON_LAYER: Final = {
     "community": "community",
     "sav": "community",
 }
+
+# Copies that are not mail to a user: a journal copy (it teaches the
+# community, from the organisation's own server) and a reply to a SAV
+# challenge (it confirms a sender). Both are discarded by design; counted,
+# they would read as the community discarding mail.
+_NOT_MAIL: Final = ("journal.", "sav.")
 
 DailyKey = tuple[str, str, str, str]  # day, tenant, layer, action
 SourceKey = tuple[str, str, str, str]  # day, tenant, source, action
@@ -206,6 +213,8 @@ class Stats:
             owner = tenant or ""
             if recipients is not None:
                 for r in recipients:
+                    if any(v.reason.startswith(_NOT_MAIL) for v in r.verdicts):
+                        continue
                     for layer, action in _per_layer(r.verdicts):
                         self._add_daily((day, owner, layer, action))
                     self._add_daily((day, owner, GATEWAY, str(r.outcome)))
