@@ -73,3 +73,29 @@ def rich(sender: str = "eve@remote.test", rcpt: str = "ann@example.test") -> byt
         "TVqQAAMAAAAEAAAA\r\n"
         "--b1--\r\n"
     ).encode()
+
+
+RLO_SENDER = f"gpj.exe{RLO}ann@remote.test"  # reads "ann@remote.testexe.jpg"-ish
+
+
+async def send_rlo_sender(port: int, rcpt: str = "ann@example.test") -> int:
+    """One message whose envelope sender (SMTPUTF8) and From carry a U+202E; the final code."""
+    from gateway import Client
+
+    c, greeting = await Client.connect(port, "127.0.0.2")
+    assert greeting is not None and greeting.code == 220
+    try:
+        await c.cmd("EHLO client.example")
+        assert (await c.cmd(f"MAIL FROM:<{RLO_SENDER}> SMTPUTF8")).code == 250
+        assert (await c.cmd(f"RCPT TO:<{rcpt}>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(
+            (
+                f"From: {RLO_SENDER}\r\nTo: {rcpt}\r\nSubject: from {RLO_SENDER}\r\n"
+                "Message-ID: <rlo-sender@remote.test>\r\n\r\nhi\r\n.\r\n"
+            ).encode()
+        )
+        return (await c.reply()).code
+    finally:
+        await c.cmd("QUIT")
+        await c.close()

@@ -27,8 +27,8 @@ from browser import (  # noqa: F401
     off_loop,
     requests_made,
 )
-from gateway import Gateway, message, running_gateway
-from hostile import RLO, plain, rich
+from gateway import Gateway, message, run, running_gateway
+from hostile import RLO, plain, rich, send_rlo_sender
 from web_client import PASSWORD, WEB_SECTIONS, held, hold
 
 ANN = "ann@example.test"
@@ -59,7 +59,8 @@ def test_a_user_finds_a_held_message_releases_it_and_it_arrives(
         off_loop(hold, gw, [ANN], message(subject=f"Weekly news {n}", sender="news@list.test"))
     off_loop(hold, gw, [ANN], plain(rcpt=ANN))
     off_loop(hold, gw, [ANN], rich(rcpt=ANN))
-    assert len(held(gw, ANN)) == 6
+    assert off_loop(run, send_rlo_sender(gw.port, ANN)) == 250
+    assert len(held(gw, ANN)) == 7
     base = f"http://127.0.0.1:{gw.web_port}"
 
     with browser_page(browser) as page:
@@ -74,8 +75,11 @@ def test_a_user_finds_a_held_message_releases_it_and_it_arrives(
         page.click("button[type=submit]")
         page.wait_for_url(f"{base}/quarantine")
         rows = page.locator("table.quarantine tbody tr")
-        assert rows.count() == 6
-        assert "6 held messages" in page.inner_text("main")
+        assert rows.count() == 7
+        assert "7 held messages" in page.inner_text("main")
+        # The envelope sender's override is shown as a marker, not obeyed.
+        listing = page.inner_text("table.quarantine")
+        assert "gpj.exe[U+202E]ann@remote.test" in listing and RLO not in listing
         _shot(page, shots, "02-quarantine")
 
         # The hostile subjects are on the page as text.

@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from gateway import Gateway, message, running_gateway
-from hostile import RLO, plain, rich
+from gateway import Gateway, message, run, running_gateway
+from hostile import RLO, RLO_SENDER, plain, rich, send_rlo_sender
 from web_client import SECURITY_HEADERS, WEB_SECTIONS, held, hold, logged_in
 
 from kithmail.db import Database
@@ -118,8 +118,14 @@ def test_every_change_needs_the_csrf_token_and_our_origin(gw: Gateway) -> None:
 def test_hostile_messages_are_only_ever_text(gw: Gateway) -> None:
     hold(gw, [DAN], plain(rcpt=DAN))
     (rich_copy,) = hold(gw, [DAN], rich(rcpt=DAN))
+    assert run(send_rlo_sender(gw.port, DAN)) == 250
+    (rlo_copy,) = [h for h in held(gw, DAN) if h["sender"] == RLO_SENDER]
     dan = logged_in(gw, DAN)
     listing = dan.get("/quarantine").text
+    # An override in the envelope sender: shown, never obeyed, on the list and the message.
+    assert "gpj.exe[U+202E]ann@remote.test" in listing
+    rlo_page = dan.get(f"/quarantine/{rlo_copy['queue_id']}/{rlo_copy['rcpt_index']}").text
+    assert "gpj.exe[U+202E]ann@remote.test" in rlo_page and RLO not in rlo_page
     # The subjects are there, as text: escaped, decoded, the override made visible.
     assert "&lt;script&gt;alert(&#39;subject&#39;)&lt;/script&gt;" in listing
     assert "&lt;script&gt;alert(&#39;encoded&#39;)&lt;/script&gt;" in listing
