@@ -391,7 +391,7 @@ async def _resolve(request: Request) -> Principal | None:
         await asyncio.to_thread(_delete_session, database, session)
         return None
     request.state.session_secret = secret
-    if now - session.last_seen >= TOUCH_EVERY_S:
+    if now - session.last_seen >= min(TOUCH_EVERY_S, web.idle_timeout / 4):
         await asyncio.to_thread(_touch_session, database, session.id, now)
     return session.principal
 

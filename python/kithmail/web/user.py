@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from kithmail.db import InvalidError, fold_address
 from kithmail.quarantine import Held
 from kithmail.web import account, community
 from kithmail.web.auth import (
@@ -154,7 +155,11 @@ async def login(
         )
     limiter: LoginLimiter = request.app.state.login_limiter
     ip = _client_ip(request)
-    account = address.lower()
+    try:
+        # One account, however it is spelt (case, Unicode or A-label domain).
+        account = fold_address(address)
+    except InvalidError:
+        account = address.lower()
     wait = limiter.blocked(
         ip,
         account,
