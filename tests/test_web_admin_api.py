@@ -187,6 +187,11 @@ def test_tokens_of_others_are_not_listed_or_revoked(gw: Gateway) -> None:
     r = boss.request("DELETE", f"{API}/tokens/{olgas['id']}", headers={"X-CSRF-Token": boss.csrf})
     assert r.status_code == 404
     assert any(t["id"] == olgas["id"] for t in root.request("GET", f"{API}/tokens").json())
+    # A global admin's tokens are the gateway's business, not their domain's tenant's.
+    token_for(gw, "root@example.test", "root's script")
+    seen = boss.request("GET", f"{API}/audit?action=token.").json()
+    assert seen and {e["actor"] for e in seen} == {"web:boss@example.test"}
+    assert "root's script" in {e["target"] for e in root.request("GET", f"{API}/audit").json()}
     # A plain user cannot make a token at all.
     ann = logged_in(gw, "ann@example.test")
     r = ann.request("POST", f"{API}/tokens", json={"name": "x"}, headers={"X-CSRF-Token": ann.csrf})

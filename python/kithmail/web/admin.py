@@ -722,7 +722,9 @@ async def op_create_token(s: Services, p: Principal, name: str, days: int | None
         )
     except ValueError as e:
         raise ApiError(422, "invalid", str(e)) from None
-    await _audit(s, p, "token.create", tenant=p.tenant, target=" ".join(name.split())[:100])
+    # A global admin's own doings are the gateway's, not their domain's tenant's.
+    tenant = "" if p.is_global else p.tenant
+    await _audit(s, p, "token.create", tenant=tenant, target=" ".join(name.split())[:100])
     return secret
 
 
@@ -735,7 +737,12 @@ async def op_revoke_token(s: Services, p: Principal, token_id: int) -> None:
         await asyncio.to_thread(revoke_api_token, s.database, token_id)
     except LookupError:
         raise ApiError(404, "not_found", "no such token") from None
-    await _audit(s, p, "token.revoke", tenant=p.tenant, target=token.name, detail=token.address)
+    try:
+        owner = s.database.user(token.address)
+        tenant = "" if owner.role == "global_admin" else owner.tenant
+    except db.DatabaseError:
+        tenant = ""
+    await _audit(s, p, "token.revoke", tenant=tenant, target=token.name, detail=token.address)
 
 
 # ---------------------------------------------------------------- the dashboard
