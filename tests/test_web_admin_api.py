@@ -19,7 +19,7 @@ import pytest
 import requests
 from gateway import Gateway, make_gateway
 from test_web_admin import USERS, overrides, setup_tenants, user_row
-from web_client import PASSWORD, WEB_SECTIONS, Web, hold, logged_in
+from web_client import PASSWORD, WEB_SECTIONS, Web, held, hold, logged_in
 
 from kithmail.db import Database
 
@@ -277,8 +277,15 @@ def test_users_through_the_api(gw: Gateway) -> None:
 
 def test_held_mail_community_and_dashboard_through_the_api(gw: Gateway) -> None:
     [copy] = hold(gw, ["ann@example.test"], subject="api held")
-    hold(gw, ["bob@other.test"], subject="not acme's")
+    [bobs] = hold(gw, ["bob@other.test"], subject="not acme's")
     script = Bearer(gw, token_for(gw, "boss@example.test"))
+    # Another tenant's held copy can be neither read nor acted on, by its ids.
+    where = f"/api/v1/quarantine/{bobs['queue_id']}/{bobs['rcpt_index']}"
+    assert script.call("GET", where).status_code == 404
+    for action in ("release", "delete", "block"):
+        assert script.call("POST", f"{where}/{action}").status_code == 404
+    assert script.call("GET", "/api/v1/quarantine?user=bob@other.test").status_code in (403, 404)
+    assert [h["queue_id"] for h in held(gw, "bob@other.test")] == [bobs["queue_id"]]
     page = script.call("GET", f"{API}/quarantine").json()
     subjects = {i["subject"] for i in page["items"]}
     assert "api held" in subjects and "not acme's" not in subjects
