@@ -99,3 +99,20 @@ async def send_rlo_sender(port: int, rcpt: str = "ann@example.test") -> int:
     finally:
         await c.cmd("QUIT")
         await c.close()
+
+
+def broken(rcpt: str = "ann@example.test") -> bytes:
+    """Broken MIME: an unknown charset, bad base64, a boundary never closed, a nameless part."""
+    return (
+        f"From: eve@remote.test\r\nTo: {rcpt}\r\nSubject: broken mime\r\n"
+        "Message-ID: <broken@remote.test>\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="never"\r\n\r\n'
+        "--never\r\n"
+        "Content-Type: text/plain; charset=x-no-such-charset\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+        "!!!not base64 at all===\r\n"
+        "--never\r\n"
+        "Content-Type: application/pdf\r\n"
+        'Content-Disposition: attachment; filename="=?bogus?q?x?="\r\n\r\n'
+        "%PDF-1.4 truncated\r\n"
+    ).encode()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from gateway import Gateway, message, run, running_gateway
-from hostile import RLO, RLO_SENDER, plain, rich, send_rlo_sender
+from hostile import RLO, RLO_SENDER, broken, plain, rich, send_rlo_sender
 from web_client import SECURITY_HEADERS, WEB_SECTIONS, held, hold, logged_in
 
 from kithmail.db import Database
@@ -161,6 +161,14 @@ def test_hostile_messages_are_only_ever_text(gw: Gateway) -> None:
     assert "img-src data:" in csp and frame.headers["x-frame-options"] == "SAMEORIGIN"
     assert frame.headers["x-content-type-options"] == "nosniff"
     assert "<meta" not in frame.text.lower() and "<x-meta" in frame.text.lower()
+
+    # Broken MIME is shown as well as it can be, never a server error.
+    (broken_copy,) = hold(gw, [DAN], broken(rcpt=DAN))
+    path = f"/quarantine/{broken_copy['queue_id']}/{broken_copy['rcpt_index']}"
+    for view, status in (("", 200), ("?view=html", 200), ("/html", 404)):
+        assert dan.get(path + view).status_code == status, view
+    assert dan.get(f"/api/v1{path}").status_code == 200
+    assert "application/pdf" in dan.get(path).text
 
     # The API gives the same text as JSON data, never as HTML.
     r = dan.get("/api/v1/quarantine")
