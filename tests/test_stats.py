@@ -341,3 +341,20 @@ def test_journal_copies_and_sav_replies_are_not_counted_as_discarded_mail(
         ("community", "discard"): 1,
         ("gateway", "discard"): 1,
     }
+
+
+def test_a_relay_attempt_is_no_tenants_even_beside_a_local_recipient(database: Database) -> None:
+    clock = Clock()
+    s = make(clock)
+    s.transaction(
+        tenant="acme",
+        client="198.51.100.7",
+        trusted=False,
+        reply=None,
+        refused=[("victim@elsewhere.test", "554 5.7.1 Relay access denied", "relay.denied")],
+    )
+    s.flush_sync(database)
+    today = [day_of(clock())]
+    assert read_daily(database, today, "acme") == {}
+    assert read_daily(database, today, "") == {("smtp", "reject"): 1, ("gateway", "reject"): 1}
+    assert read_sources(database, today, "", "reject") == [stats.SourceCount("198.51.100.0/24", 1)]

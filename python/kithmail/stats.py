@@ -204,7 +204,9 @@ class Stats:
         with self._lock:
             for address, why, reason in refused:
                 domain = address.rpartition("@")[2].lower().rstrip(">")
-                owner = (self._tenant_of(domain) if domain else None) or tenant or ""
+                # Charged to the tenant of the domain named; a non-local one (relay
+                # denied) or none (bad syntax) is no tenant's.
+                owner = (self._tenant_of(domain) if domain else None) or ""
                 action = _refusal_action(why)
                 self._add_daily((day, owner, layer_of_reason(reason), action))
                 self._add_daily((day, owner, GATEWAY, action))
