@@ -241,6 +241,19 @@ def test_policy_shows_where_each_value_comes_from_and_changes_are_audited(gw: Ga
     assert "origin-built-in" in _row(boss.get("/admin/policy").text, "spf.neutral")
 
 
+def test_a_global_admin_sees_the_reputation_lists_beside_the_policy(gw: Gateway) -> None:
+    listed = gw.root / "spammers.txt"
+    listed.write_text("# known spammers\n203.0.113.0/24\n198.51.100.7\n")
+    gw.kith("reputation", "load", str(listed), "--name", "spammers", "--kind", "block")
+    page = logged_in(gw, "root@example.test").get("/admin/policy").text
+    m = re.search(r'<table class="list" id="reputation-lists">(.*?)</table>', page, re.S)
+    assert m and "spammers" in m[1] and ">2</td>" in m[1] and "reject" in m[1]
+    # A tenant's view has no such table: the lists are the gateway's.
+    assert (
+        'id="reputation-lists"' not in logged_in(gw, "boss@example.test").get("/admin/policy").text
+    )
+
+
 def _row(page: str, key: str) -> str:
     m = re.search(rf'<tr data-key="{re.escape(key)}"[^>]*>(.*?)</tr>', page, re.S)
     assert m, f"no row for {key}"

@@ -1014,6 +1014,10 @@ async def policy_page(
     sections: dict[str, list[PolicyRow]] = {}
     for r in rows:
         sections.setdefault(r.section, []).append(r)
+    # The reputation lists loaded into the core, for a global admin to see
+    # beside the policy: they are loaded from files (`[reputation]
+    # local_lists`, `kith reputation load`), the same for every tenant.
+    lists = s.core.reputation.lists() if p.is_global and not scope else []
     return render(
         request,
         "admin_policy.html",
@@ -1023,6 +1027,7 @@ async def policy_page(
             "sections": sections,
             "tenants": _tenants_for(s, p),
             "done": _done(done),
+            "lists": lists,
         },
     )
 
