@@ -9,6 +9,7 @@ table without bound.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,3 +359,19 @@ def test_a_relay_attempt_is_no_tenants_even_beside_a_local_recipient(database: D
     assert read_daily(database, today, "acme") == {}
     assert read_daily(database, today, "") == {("smtp", "reject"): 1, ("gateway", "reject"): 1}
     assert read_sources(database, today, "", "reject") == [stats.SourceCount("198.51.100.0/24", 1)]
+
+
+def test_every_workers_counts_reach_the_database(tmp_path: Path) -> None:
+    """With two workers sharing the port, each flushes its own counts; none are lost at stop."""
+    n = 16  # both workers serve some: all on one would be a 1 in 32768 chance
+    with running_gateway(tmp_path / "gw", sections={"server": {"workers": 2}}) as gw:
+        for i in range(n):
+            replies = run(send(gw.port, f"127.0.{i + 1}.9", "x@remote.test", ["ann@example.test"]))
+            assert replies[2].code == 451
+        served = set(re.findall(r"kithmail\.smtp\.transaction\[(\d+)\] transaction", gw.log_text()))
+        assert len(served) == 2, served
+    daily = _daily(gw)
+    assert daily[("default", "recon", "defer")] == n
+    with Database.open(gw.data_dir / "kithmail.db") as d:
+        sources = d.read("SELECT count(*), sum(n) FROM stats_sources WHERE action = 'defer'")
+    assert sources == [(n, n)]
