@@ -396,3 +396,22 @@ def test_a_global_admin_runs_tenants(tmp_path: Path) -> None:
             g.stop()
         finally:
             g.kill()
+
+
+def test_every_state_changing_admin_route_depends_on_csrf() -> None:
+    """A route added later without the CSRF check fails here, before any browser finds it."""
+    from fastapi.routing import APIRoute
+
+    from kithmail.web import admin, api_admin
+    from kithmail.web.security import csrf
+
+    changing = 0
+    for router in (admin.router, api_admin.router):
+        for route in router.routes:
+            assert isinstance(route, APIRoute)
+            if route.methods <= {"GET", "HEAD"}:
+                continue
+            changing += 1
+            deps = [d.call for d in route.dependant.dependencies]
+            assert csrf in deps, f"{sorted(route.methods)} {route.path} has no CSRF check"
+    assert changing >= 25
