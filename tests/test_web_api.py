@@ -207,6 +207,14 @@ def test_admins_reach_their_tenant_s_users_and_no_further(gw: Gateway) -> None:
             )
         }
     assert f"api:{TAD}" in actors
+    # A global admin's change to an acme user's community is filed under acme.
+    assert gil.post(f"{api}/community?user={OTTO}", json={"entry": "@vendor.test"}).ok
+    with Database.open(audit) as db:
+        rows = db.read(
+            "SELECT tenant, target, detail FROM audit_log WHERE actor = ? AND action = ?",
+            (f"api:{GIL}", "community.allow"),
+        )
+    assert rows == [("acme", OTTO, "entry=@vendor.test")]
 
 
 def test_every_operation_wants_a_login(gw: Gateway) -> None:

@@ -89,6 +89,14 @@ def _source(
     return default if user == p.address else "admin"
 
 
+def _tenant(services: Services, p: Principal, user: str) -> str:
+    """The tenant the audit files a change under: the user's, not the acting admin's."""
+    if user == p.address:
+        return p.tenant
+    found = services.database.find_user(user)
+    return found.tenant if found is not None else ""
+
+
 def add(services: Services, p: Principal, user: str, entry: str, kind: Kind) -> tuple[bool, str]:
     """Add (or move between allow and block) one entry; (changed, folded entry). Blocking."""
     folded = fold(entry)
@@ -98,7 +106,7 @@ def add(services: Services, p: Principal, user: str, entry: str, kind: Kind) -> 
     services.database.audit(
         p.actor,
         f"community.{kind}",
-        tenant=p.tenant,
+        tenant=_tenant(services, p, user),
         target=user,
         detail=f"entry={folded}" + ("" if changed else " (already there)"),
     )
@@ -111,7 +119,11 @@ def remove(services: Services, p: Principal, user: str, entry: str) -> str:
     if not services.core.community.remove(user, folded):
         raise EntryError(f"{folded} is not in the community.")
     services.database.audit(
-        p.actor, "community.remove", tenant=p.tenant, target=user, detail=f"entry={folded}"
+        p.actor,
+        "community.remove",
+        tenant=_tenant(services, p, user),
+        target=user,
+        detail=f"entry={folded}",
     )
     return folded
 
@@ -174,7 +186,7 @@ def import_entries(
     services.database.audit(
         p.actor,
         "community.import",
-        tenant=p.tenant,
+        tenant=_tenant(services, p, user),
         target=user,
         detail=f"kind={kind} entries={len(folded)} changed={changed}",
     )
