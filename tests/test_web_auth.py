@@ -356,3 +356,51 @@ def test_the_first_admin_logs_in_with_the_same_form(gw: Gateway) -> None:
     # Admins see the admin pages in the navigation; users do not.
     assert 'href="/admin/' in page
     assert 'href="/admin/' not in logged_in(gw, BOB).get("/quarantine").text
+
+
+def test_behind_an_https_proxy_cookies_are_secure_and_the_origin_is_https(
+    tmp_path: Path,
+) -> None:
+    with running_gateway(
+        tmp_path / "gw", users=(ANN,), sections={"web": {"https_proxy": True}}
+    ) as gw:
+        # What the proxy forwards: plain HTTP, the browser's Host, its https Origin.
+        base = f"http://127.0.0.1:{gw.web_port}"
+        origin = {"Origin": f"https://127.0.0.1:{gw.web_port}"}
+        form = requests.get(f"{base}/login", timeout=10)
+        pre = form.headers["set-cookie"]
+        assert "Secure" in pre
+        token = pre.split(";", 1)[0].split("=", 1)[1]
+        r = requests.post(
+            f"{base}/login",
+            data={"address": ANN, "password": PASSWORD, "login_csrf": token},
+            headers={**origin, "Cookie": f"kith_login={token}"},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert r.status_code == 303
+        session = r.headers["set-cookie"]
+        assert session.startswith("kith_session=") and "Secure" in session
+        cookie = {"Cookie": session.split(";", 1)[0]}
+        page = requests.get(f"{base}/account", headers=cookie, timeout=10).text
+        m = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+        assert m
+        digest_off = {"csrf": m[1], "digest": "off"}
+        # The plain-HTTP origin is not the browser's: refused.
+        plain_origin = {"Origin": base}
+        r = requests.post(
+            f"{base}/account/digest",
+            data=digest_off,
+            headers={**cookie, **plain_origin},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert r.status_code == 403
+        r = requests.post(
+            f"{base}/account/digest",
+            data=digest_off,
+            headers={**cookie, **origin},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert r.status_code == 303

@@ -521,6 +521,11 @@ class Web(_Section):
         description="Serve the web listener over HTTPS with [server] tls_cert/tls_key "
         "(self-signed when unset); session cookies are then Secure",
     )
+    https_proxy: bool = Field(
+        False,
+        description="A reverse proxy in front serves the UI over HTTPS: cookies are Secure "
+        "and the browser's origin is https://<Host> although this listener speaks HTTP",
+    )
     session_ttl: Duration = Field(
         12 * 3600.0, description="A login lasts at most this long, however active"
     )

@@ -38,7 +38,7 @@ from kithmail.web.mail import (
     target_user,
     visible,
 )
-from kithmail.web.security import csrf
+from kithmail.web.security import csrf, is_https
 from kithmail.web.user import sav_text, search_from, why_held
 
 __all__ = ["router"]
@@ -466,7 +466,7 @@ async def account_password(request: Request, response: Response, p: User, body: 
             path="/",
             httponly=True,
             samesite="lax",
-            secure=request.url.scheme == "https",
+            secure=is_https(request),
         )
     return Ok()
 

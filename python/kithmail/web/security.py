@@ -44,6 +44,7 @@ __all__ = [
     "CSP_WITH_FRAME",
     "SecurityHeaders",
     "csrf",
+    "is_https",
     "login_csrf_ok",
     "same_origin",
 ]
@@ -211,10 +212,18 @@ def _origin_of(url: str) -> str:
     return f"{u.scheme}://{(u.hostname or '').lower()}{shown}"
 
 
+def is_https(request: Request) -> bool:
+    """Does the browser speak HTTPS to us: our own TLS, or ``[web] https_proxy`` in front."""
+    if request.url.scheme == "https":
+        return True
+    services = getattr(request.app.state, "services", None)
+    return bool(services is not None and services.settings().web.https_proxy)
+
+
 def own_origin(request: Request) -> str:
     """This listener's origin as the browser addressed it (scheme, Host header)."""
     host = request.headers.get("host", "")
-    return _origin_of(f"{request.url.scheme}://{host}")
+    return _origin_of(f"{'https' if is_https(request) else 'http'}://{host}")
 
 
 def same_origin(request: Request) -> bool:

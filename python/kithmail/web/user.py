@@ -47,7 +47,13 @@ from kithmail.web.mail import (
     read_message,
     visible,
 )
-from kithmail.web.security import CSP_SANDBOXED_HTML, CSP_WITH_FRAME, csrf, login_csrf_ok
+from kithmail.web.security import (
+    CSP_SANDBOXED_HTML,
+    CSP_WITH_FRAME,
+    csrf,
+    is_https,
+    login_csrf_ok,
+)
 from kithmail.web.templating import render
 
 __all__ = ["router"]
@@ -63,7 +69,7 @@ Csrf = Depends(csrf)
 
 
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    return is_https(request)
 
 
 def safe_next(target: str | None) -> str:
