@@ -57,8 +57,15 @@ def fork_workers(n: int, work: Callable[[int], int]) -> int:
 
     Returns the worst exit status. Each worker opens what must not cross a
     fork (the LMDB environment, the event loop) itself, after the fork.
+
+    The workers stand or fall together: when one exits before the parent
+    was told to stop (an error at start, a crash, the OOM killer), the log
+    says which and why, the others are stopped, and the status is not 0, so
+    that the supervisor (systemd's Restart=on-failure) starts the whole
+    server again. Worker 0 alone runs the queue and the web listener: a
+    server left with the others would accept mail it never delivers.
     """
-    children: list[int] = []
+    children: dict[int, int] = {}  # pid -> worker index
     # Until a worker's event loop takes SIGHUP over (or for good, in the
     # parent until `forward` is set), a SIGHUP is ignored, never fatal.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -68,12 +75,20 @@ def fork_workers(n: int, work: Callable[[int], int]) -> int:
             code = 1
             try:
                 code = work(i)
+            except Exception:
+                # os._exit below skips the interpreter's own report: without
+                # this line a worker that fails (at start: a module that will
+                # not import, a port in use) vanishes without a word.
+                log.exception("worker %d (pid %d) failed", i, os.getpid())
             finally:
                 os._exit(code)
-        children.append(pid)
+        children[pid] = i
+    stopping = False
 
     def forward(sig: int, _frame: object) -> None:
-        for c in children:
+        nonlocal stopping
+        stopping = stopping or sig != signal.SIGHUP
+        for c in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c, sig)
 
@@ -81,10 +96,37 @@ def fork_workers(n: int, work: Callable[[int], int]) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)  # each worker reloads its settings
     worst = 0
-    for c in children:
-        _, status = os.waitpid(c, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
+    while children:
+        # Whichever worker ends first (waiting for them in order would wait
+        # on a live worker for ever while another is already gone).
+        pid, status = os.wait()
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        worst = max(worst, code & 0xFF)
+        if stopping:
+            continue
+        stopping = True
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+        log.log(
+            logging.INFO if code == 0 else logging.ERROR,
+            "worker %d (pid %d) %s; stopping the other workers",
+            index,
+            pid,
+            how,
+        )
+        for c in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGTERM)
     return worst
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _worker(settings: config.Settings, *, reuse_port: bool) -> int:

@@ -1,0 +1,54 @@
+"""`kith serve` with several workers: they stand or fall together, and say why.
+
+A worker that fails or dies used to vanish without a word (its error was
+lost to `os._exit`) while the parent went on waiting for the others: a
+server with no worker 0 accepts mail but never delivers it and serves no
+web UI, and a test saw only "worker 0 never became ready".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from gateway import KITH, make_gateway, running_gateway
+
+
+def test_a_worker_that_cannot_listen_says_why_and_the_server_exits(tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path / "gw", sections={"server": {"workers": 2}})
+    with socket.socket() as taken:  # another program holds the submission port
+        taken.bind(("127.0.0.1", gw.submission_port))
+        taken.listen()
+        done = subprocess.run(
+            [str(KITH), "serve", "-c", str(gw.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode != 0
+    assert f"('127.0.0.1', {gw.submission_port}): address already in use" in done.stderr, (
+        done.stderr[-3000:]
+    )
+    assert re.search(r"worker [01] \(pid \d+\) failed", done.stderr), done.stderr[-3000:]
+
+
+def test_when_worker_0_dies_the_others_stop_and_the_status_says_so(tmp_path: Path) -> None:
+    with running_gateway(tmp_path / "gw", sections={"server": {"workers": 2}}) as gw:
+        gw.wait_for("both workers", lambda: gw.log_text().count("kithmail ready") == 2)
+        # Worker 0 is the one serving the web listener.
+        m = re.search(r"web UI, API and /metrics on \S+ \(pid (\d+)\)", gw.log_text())
+        assert m, gw.log_text()
+        worker0 = int(m[1])
+        os.kill(worker0, signal.SIGKILL)  # as the OOM killer would
+        assert gw.proc is not None
+        status = gw.proc.wait(timeout=60)
+        assert status != 0
+        log = gw.log_text()
+        assert f"worker 0 (pid {worker0}) was killed by SIGKILL; stopping the other workers" in log
+        (other,) = {int(p) for p in re.findall(r"kithmail ready \(pid (\d+)\)", log)} - {worker0}
+        assert f"kithmail stopping (pid {other})" in log
