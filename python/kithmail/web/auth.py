@@ -42,9 +42,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Final, Literal, cast
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from kithmail.db import Database, Role, User
 
@@ -396,7 +397,23 @@ async def _resolve(request: Request) -> Principal | None:
     return session.principal
 
 
-async def principal(request: Request) -> Principal:
+# For the OpenAPI document only: the two ways in (checked by `optional_principal`).
+_BEARER: Final = HTTPBearer(
+    auto_error=False, scheme_name="token", description="An API token: Bearer kith_…"
+)
+_COOKIE: Final = APIKeyCookie(
+    name=COOKIE,
+    auto_error=False,
+    scheme_name="session",
+    description="The browser's session (state changes also need X-CSRF-Token)",
+)
+
+
+async def principal(
+    request: Request,
+    _token: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+    _session: Annotated[str | None, Security(_COOKIE)] = None,
+) -> Principal:
     """FastAPI dependency: the logged-in user (session cookie or bearer token).
 
     None logged in: `LoginRequired`, which the app answers with a redirect
@@ -408,7 +425,11 @@ async def principal(request: Request) -> Principal:
     return p
 
 
-async def tenant_admin(request: Request) -> Principal:
+async def tenant_admin(
+    request: Request,
+    _token: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+    _session: Annotated[str | None, Security(_COOKIE)] = None,
+) -> Principal:
     """FastAPI dependency: a tenant admin or a global admin, else 403."""
     p = await principal(request)
     if not p.is_admin:
@@ -416,7 +437,11 @@ async def tenant_admin(request: Request) -> Principal:
     return p
 
 
-async def global_admin(request: Request) -> Principal:
+async def global_admin(
+    request: Request,
+    _token: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+    _session: Annotated[str | None, Security(_COOKIE)] = None,
+) -> Principal:
     """FastAPI dependency: a global admin, else 403."""
     p = await principal(request)
     if not p.is_global:
