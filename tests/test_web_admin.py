@@ -415,3 +415,15 @@ def test_every_state_changing_admin_route_depends_on_csrf() -> None:
             deps = [d.call for d in route.dependant.dependencies]
             assert csrf in deps, f"{sorted(route.methods)} {route.path} has no CSRF check"
     assert changing >= 25
+
+
+def test_a_huge_page_number_is_refused_not_a_server_error(gw: Gateway) -> None:
+    root = logged_in(gw, "root@example.test")
+    for path in (
+        "/admin/audit?before=99999999999999999999",
+        "/admin/audit?since=99999-99-99",
+        "/admin/quarantine?page=99999999999999999999",
+        "/admin/tokens/99999999999999999999/revoke",
+    ):
+        r = root.post(path) if path.endswith("revoke") else root.get(path)
+        assert 400 <= r.status_code < 500, (path, r.status_code)

@@ -1182,7 +1182,7 @@ async def audit_page(
     target: FilterQ = "",
     since: Annotated[str, Query(max_length=20)] = "",
     until: Annotated[str, Query(max_length=20)] = "",
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
 ) -> Response:
     s = services_of(request)
     scope = scope_tenant(p, tenant)

@@ -47,6 +47,7 @@ TenantParam = Annotated[
 ]
 AddressPath = Annotated[str, Path(max_length=320, description="A user's mail address")]
 Filter = Annotated[str, Query(max_length=200)]
+MAX_INT = 2**62  # SQLite's integers are 64-bit: a bigger number is refused, not stored
 
 
 # ---------------------------------------------------------------- models
@@ -526,9 +527,13 @@ async def audit(
     actor: Filter = "",
     action: Annotated[str, Query(max_length=200, description="A prefix: policy.")] = "",
     target: Filter = "",
-    since: Annotated[int | None, Query(ge=0, description="Unix seconds, from")] = None,
-    until: Annotated[int | None, Query(ge=0, description="Unix seconds, before")] = None,
-    before: Annotated[int | None, Query(ge=1, description="Entries older than this id")] = None,
+    since: Annotated[int | None, Query(ge=0, le=MAX_INT, description="Unix seconds, from")] = None,
+    until: Annotated[
+        int | None, Query(ge=0, le=MAX_INT, description="Unix seconds, before")
+    ] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_INT, description="Entries older than this id")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[AuditOut]:
     s = services_of(request)
