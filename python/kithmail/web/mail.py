@@ -377,8 +377,6 @@ def _bodies(
             break
         if part.is_multipart() or part is plain_part or part is html_part:
             continue
-        if part is m and not m.is_multipart():
-            continue
         try:
             name = part.get_filename()
         except Exception:
