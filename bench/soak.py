@@ -81,6 +81,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -285,7 +286,7 @@ class Soak:
             "Content-Type: text/plain; charset=us-ascii\r\n"
             "\r\n"
         ).encode()
-        return head + self.bodies[hash(sid) % len(self.bodies)]
+        return head + self.bodies[zlib.crc32(sid.encode()) % len(self.bodies)]
 
     def next_flood_source(self) -> str:
         n = self.flood_n
