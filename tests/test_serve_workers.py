@@ -13,9 +13,10 @@ import re
 import signal
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
-from gateway import KITH, make_gateway, running_gateway
+from gateway import KITH, make_gateway, message, run, running_gateway, send
 
 
 def test_a_worker_that_cannot_listen_says_why_and_the_server_exits(tmp_path: Path) -> None:
@@ -52,3 +53,32 @@ def test_when_worker_0_dies_the_others_stop_and_the_status_says_so(tmp_path: Pat
         assert f"worker 0 (pid {worker0}) was killed by SIGKILL; stopping the other workers" in log
         (other,) = {int(p) for p in re.findall(r"kithmail ready \(pid (\d+)\)", log)} - {worker0}
         assert f"kithmail stopping (pid {other})" in log
+
+
+def test_two_workers_count_the_digests_they_send_on_metrics(tmp_path: Path) -> None:
+    """A counter made before the fork (at import, in the parent) was missing from /metrics."""
+    sections = {
+        "server": {"workers": 2},
+        "recon": {"exempt_networks": ["127.0.0.0/24"]},
+        "community": {"mode": "enforce", "sav": False},  # an unknown sender is held
+        "digest": {"enabled": True},
+    }
+    with running_gateway(tmp_path / "gw", sections=sections) as gw:
+        gw.wait_for("both workers", lambda: gw.log_text().count("kithmail ready") == 2)
+        r = run(send(gw.port, "127.0.0.70", "eve@remote.test", ["ann@example.test"], message()))
+        assert r[-1].code == 250, r
+        gw.wait_for(
+            "the held copy",
+            lambda: gw.kith("quarantine", "list", "ann@example.test").stdout.strip(),
+        )
+        gw.advance(86400.0)
+        gw.wait_for(
+            "ann's digest",
+            lambda: any(
+                b"Auto-Submitted: auto-generated" in m for m in gw.messages("ann@example.test")
+            ),
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.web_port}/metrics", timeout=10) as page:
+            text = page.read().decode()
+        assert "kithmail_digests_sent_total 1.0" in text.splitlines(), text[-3000:]
+        assert "kithmail_digest_failures_total 0.0" in text.splitlines()

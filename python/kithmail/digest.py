@@ -58,6 +58,7 @@ import asyncio
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import hmac
 import html
@@ -120,11 +121,25 @@ MAX_SUBJECT: Final = 120
 MAX_SENDER: Final = 254
 MAX_DETAIL: Final = 200
 
-SENT = Counter("kithmail_digests_sent", "Quarantine digests spooled for delivery to their users.")
-FAILURES = Counter(
-    "kithmail_digest_failures",
-    "Quarantine digests that could not be composed or spooled (retried at the next pass).",
-)
+
+@functools.cache
+def _counts() -> tuple[Counter, Counter]:
+    """The digests sent and failed, made at first use (a `Digest`), never at import.
+
+    `kith serve`'s parent imports this module (kith's parser does) before
+    `kithmail.metrics.multiprocess_dir`: a metric without labels made then
+    keeps its value in worker 0's memory, which the merged /metrics of
+    several workers never reads.
+    """
+    return (
+        Counter("kithmail_digests_sent", "Quarantine digests spooled for delivery to their users."),
+        Counter(
+            "kithmail_digest_failures",
+            "Quarantine digests that could not be composed or spooled (retried at the next pass).",
+        ),
+    )
+
+
 LINKS = Counter(
     "kithmail_digest_link_actions",
     "POSTs of digest links, by action and result (a reason code of this module).",
@@ -476,6 +491,7 @@ class Digest:
         self._key = key if key is not None else link_key(settings.server.data_dir)
         self._signer = signer if signer is not None else self._default_signer
         self._signers: dict[str, Signer] = {}
+        _counts()  # at zero on /metrics before the first digest
 
     def _default_signer(self, domain: str) -> Signer:
         if (s := self._signers.get(domain)) is not None:
@@ -719,7 +735,7 @@ class Digest:
             )
             queue_id = spool.accept_sync(envelope, data)
         except Exception:
-            FAILURES.inc()
+            _counts()[1].inc()
             raise
         with self.db.write() as conn:
             conn.execute(
@@ -728,7 +744,7 @@ class Digest:
                 " SET digest_last = max(digest_last, excluded.digest_last)",
                 (due.user_id, due.cutoff),
             )
-        SENT.inc()
+        _counts()[0].inc()
         log.info("digest %s to %s: %d listed, %d more", queue_id, due.user, len(due.held), due.more)
         return queue_id
 
