@@ -358,6 +358,8 @@ def test_the_dashboard_counts_what_the_gateway_decided(gw: Gateway) -> None:
     assert boss.get("/admin/dashboard?tenant=globex").status_code == 403
     root = logged_in(gw, "root@example.test").get("/admin/dashboard").text
     assert 'id="queue"' in root and "127.0.1.0/24" in root
+    acme = re.search(r'<tr data-tenant="acme">(.*?)</tr>', root, re.S)
+    assert acme and re.search(r'<td data-label="defer">[1-9]\d*</td>', acme[1])
 
 
 def test_a_global_admin_runs_tenants(tmp_path: Path) -> None:

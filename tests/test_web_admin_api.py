@@ -311,6 +311,8 @@ def test_held_mail_community_and_dashboard_through_the_api(gw: Gateway) -> None:
     root = Bearer(gw, token_for(gw, "root@example.test"))
     whole = root.call("GET", f"{API}/dashboard").json()
     assert whole["tenant"] is None and isinstance(whole["queue_messages"], int)
+    assert whole["today_by_tenant"]["acme"]["quarantine"] >= 1
+    assert d["today_by_tenant"] == {}  # a tenant's view names no other tenant
 
 
 def test_bad_input_is_a_4xx_never_a_500(gw: Gateway) -> None:

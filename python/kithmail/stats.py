@@ -57,10 +57,12 @@ __all__ = [
     "GATEWAY",
     "KEEP_DAYS",
     "SMTP",
+    "SourceCount",
     "Stats",
     "day_of",
     "days_back",
     "layer_of_reason",
+    "read_by_tenant",
     "read_daily",
     "read_per_day",
     "read_sources",
@@ -357,6 +359,21 @@ def read_per_day(
     for day, action, n in rows:
         if str(day) in out:
             out[str(day)][str(action)] = int(str(n))
+    return out
+
+
+def read_by_tenant(database: Database, days: Sequence[str]) -> dict[str, dict[str, int]]:
+    """tenant → outcome → count over ``days`` (what became of recipients), every tenant."""
+    out: dict[str, dict[str, int]] = {}
+    if not days:
+        return out
+    rows = database.read(
+        "SELECT tenant, action, sum(n) FROM stats_daily WHERE day >= ? AND day <= ? AND layer = ?"
+        " GROUP BY tenant, action",
+        (min(days), max(days), GATEWAY),
+    )
+    for tenant, action, n in rows:
+        out.setdefault(str(tenant), {})[str(action)] = int(str(n))
     return out
 
 

@@ -219,6 +219,9 @@ class DashboardOut(BaseModel):
     top_rejected_sources: list[SourceOut]
     queue_messages: int | None
     held: int
+    today_by_tenant: dict[str, dict[str, int]] = Field(
+        description="The whole gateway's view: tenant ('' for none) -> outcome -> recipients"
+    )
 
 
 def _tenant_out(s: Any, t: db.Tenant) -> TenantOut:

@@ -84,6 +84,9 @@ class Dashboard:
     queue: int | None  # messages waiting for delivery (gateway-wide); None: unknown
     held: int  # held copies in the quarantine (of the tenant)
     shadow: dict[str, dict[str, int]] = field(default_factory=dict)  # week: layer -> action -> n
+    # The whole gateway's view only: tenant ("" for none: relay attempts,
+    # bad syntax) -> outcome -> n, today.
+    by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +103,7 @@ class Dashboard:
             "top_rejected_sources": [{"source": s.source, "n": s.n} for s in self.top_rejected],
             "queue_messages": self.queue,
             "held": self.held,
+            "today_by_tenant": self.by_tenant,
         }
 
 
@@ -153,6 +157,7 @@ def build_sync(database: Database, now: float, tenant: str | None) -> Dashboard:
         queue=queue_depth() if tenant is None else None,
         held=_held(database, tenant),
         shadow=w_shadow,
+        by_tenant=stats.read_by_tenant(database, [today]) if tenant is None else {},
     )
 
 
