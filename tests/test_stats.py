@@ -375,3 +375,19 @@ def test_every_workers_counts_reach_the_database(tmp_path: Path) -> None:
     with Database.open(gw.data_dir / "kithmail.db") as d:
         sources = d.read("SELECT count(*), sum(n) FROM stats_sources WHERE action = 'defer'")
     assert sources == [(n, n)]
+
+
+def test_a_failing_tenant_lookup_loses_the_count_never_the_session(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(domain: str) -> str | None:
+        raise DatabaseError("database is locked")
+
+    s = Stats(Clock(), broken)
+    refused = [("ann@example.test", "451 4.7.1 Greylisted", "recon.new_source")]
+    for _ in range(2):
+        s.transaction(
+            tenant=None, client="198.51.100.7", trusted=False, reply=None, refused=refused
+        )
+    assert s.dropped == 2
+    assert caplog.text.count("could not be counted") == 1  # said once, not per message

@@ -174,6 +174,7 @@ class Stats:
         self._daily: Counter[DailyKey] = Counter()
         self._sources: Counter[SourceKey] = Counter()
         self.dropped = 0
+        self._warned = False
         self._trimmed: set[str] = set()  # finished days whose sources this process trimmed
 
     # --- counting (on the event loop) ---
@@ -201,6 +202,40 @@ class Stats:
         own faults, a full spool, which name no source), or neither (the
         transaction ended without DATA).
         """
+        # Counting never costs the SMTP session anything: a failure here (a
+        # tenant lookup whose database is busy) loses the count, not the mail.
+        try:
+            self._transaction(
+                tenant=tenant,
+                client=client,
+                trusted=trusted,
+                reply=reply,
+                refused=refused,
+                rcpt_verdicts=rcpt_verdicts,
+                message_verdicts=message_verdicts,
+                recipients=recipients,
+                by_policy=by_policy,
+            )
+        except Exception:
+            self.dropped += 1
+            if not self._warned:
+                self._warned = True
+                log.exception("stats: a transaction could not be counted")
+
+    def _transaction(
+        self,
+        *,
+        tenant: str | None,
+        client: str,
+        trusted: bool,
+        reply: str | None,
+        refused: Sequence[tuple[str, str, str]],
+        rcpt_verdicts: Sequence[Sequence[Verdict]] = (),
+        message_verdicts: Sequence[Verdict] = (),
+        recipients: Sequence[Recipient] | None = None,
+        by_policy: bool = True,
+    ) -> None:
+        """`transaction`, unguarded."""
         day = day_of(self._clock())
         source = None if trusted else source_of(client)
         with self._lock:
