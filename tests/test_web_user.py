@@ -277,3 +277,8 @@ def test_the_digest_can_be_turned_off_and_on(gw: Gateway) -> None:
     cat.post("/account/digest", {"digest": "on"})
     with Database.open(gw.data_dir / "kithmail.db") as db:
         assert db.read("SELECT digest FROM user_prefs WHERE user_id = ?", (uid,)) == [(1,)]
+        # Each change is in the audit log, by the user who made it.
+        rows = db.read(
+            "SELECT actor, action FROM audit_log WHERE action = 'digest.preference' ORDER BY id"
+        )
+        assert [r[0] for r in rows] == [f"web:{CAT}", f"web:{CAT}"], rows

@@ -15,6 +15,7 @@ import asyncio
 
 from fastapi import Request
 
+from kithmail import digest
 from kithmail.db import Database, InvalidError
 from kithmail.web.auth import (
     LoginLimiter,
@@ -38,17 +39,13 @@ class PasswordError(Exception):
 
 
 def digest_enabled(database: Database, user_id: int) -> bool:
-    rows = database.read("SELECT digest FROM user_prefs WHERE user_id = ?", (user_id,))
-    return not rows or bool(rows[0][0])
+    """Whether the user gets the daily digest (the digest module's rule)."""
+    return digest.wants(database, user_id)
 
 
-def set_digest(database: Database, user_id: int, on: bool) -> None:
-    with database.write() as conn:
-        conn.execute(
-            "INSERT INTO user_prefs (user_id, digest) VALUES (?, ?)"
-            " ON CONFLICT (user_id) DO UPDATE SET digest = excluded.digest",
-            (user_id, int(on)),
-        )
+def set_digest(database: Database, user_id: int, on: bool, *, actor: str) -> None:
+    """Turn the user's digest on or off; audit-logged by the digest module."""
+    digest.set_wants(database, user_id, on, actor=actor)
 
 
 async def change_password(

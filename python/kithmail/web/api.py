@@ -482,5 +482,5 @@ async def prefs_get(request: Request, p: User) -> Prefs:
 )
 async def prefs_put(request: Request, p: User, body: Annotated[Prefs, Body()]) -> Prefs:
     db = services_of(request).database
-    await asyncio.to_thread(account.set_digest, db, p.user_id, body.digest)
+    await asyncio.to_thread(account.set_digest, db, p.user_id, body.digest, actor=p.actor)
     return body

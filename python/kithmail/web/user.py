@@ -698,5 +698,7 @@ async def account_digest(
     digest: Annotated[str, Form(max_length=5)] = "",
 ) -> Response:
     on = digest == "on"
-    await asyncio.to_thread(account.set_digest, services_of(request).database, p.user_id, on)
+    await asyncio.to_thread(
+        account.set_digest, services_of(request).database, p.user_id, on, actor=p.actor
+    )
     return RedirectResponse(f"/account?done={'digest_on' if on else 'digest_off'}", status_code=303)
