@@ -285,4 +285,14 @@ class Core:
     def path(self) -> str: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+    def copy_to(self, path: str, *, compact: bool = True) -> None:
+        """A consistent copy of the environment into ``path``, as ``path/data.mdb``.
+
+        ``path`` is a new directory (its parent existing) or an empty one;
+        anything else raises ``InvalidInputError``. LMDB copies one read
+        transaction's snapshot, so writers of every process go on meanwhile;
+        ``compact`` leaves free pages out. Rows still in this process's
+        group-commit buffer are not in it: ``flush`` first. The copy opens
+        as ``Core(path, ipv4_prefix=None, ipv6_prefix=None)``.
+        """
     def stats(self) -> dict[str, int]: ...

@@ -798,6 +798,14 @@ impl Core {
         py.detach(|| self.s.close()).py()
     }
 
+    /// A consistent copy of the environment into `path`, a new or empty
+    /// directory (as `path/data.mdb`), while writers go on; GIL released.
+    #[pyo3(signature = (path, *, compact = true))]
+    fn copy_to(&self, py: Python<'_>, path: PathBuf, compact: bool) -> PyResult<()> {
+        py.detach(|| self.s.copy_to(&path, compact)).py()?;
+        Ok(())
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (k, v) in py.detach(|| self.s.stats()).py()? {

@@ -10,7 +10,7 @@
 
 use crate::error::{lmdb, Result, StoreError};
 use heed::types::Bytes;
-use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
+use heed::{CompactionOption, Database, Env, EnvOpenOptions, RoTxn, RwTxn};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -652,5 +652,138 @@ impl Core {
             other => return Err(StoreError::invalid(format!("no table {other:?}"))),
         };
         self.read(|txn| db.len(txn).map_err(self.lmdb_err("count")))
+    }
+}
+
+/// The name of the copy's data file inside its directory; LMDB makes the
+/// lock file beside it when the copy is first opened.
+pub const COPY_FILE: &str = "data.mdb";
+
+impl Core {
+    /// A consistent copy of the whole environment into `dir`, as
+    /// `dir/data.mdb`; the number of bytes written.
+    ///
+    /// `dir` must be a new directory (its parent existing) or an empty one:
+    /// anything else is refused, so a copy never lands on top of another
+    /// environment. LMDB copies one read transaction's snapshot
+    /// (`mdb_env_copyfd2`), so every transaction committed before the copy
+    /// began is in it, none after, and writers of this and other processes
+    /// go on meanwhile; `compact` (MDB_CP_COMPACT) leaves out free pages and
+    /// renumbers the rest, and does not even take the writer's lock for the
+    /// first pages as a plain copy does. The copy is written under a
+    /// `.partial` name, fsync'd and renamed, so `data.mdb` in `dir` is always
+    /// a whole copy. It opens as any environment does (`Store::open(dir)`).
+    ///
+    /// Rows still in this process's group-commit buffer are not committed,
+    /// so not in the copy: `flush` first to have them (the copy itself never
+    /// waits for a writer, this process's included).
+    pub fn copy_to(&self, dir: &Path, compact: bool) -> Result<u64> {
+        self.check_open()?;
+        prepare_copy_dir(dir)?;
+        let part = dir.join(format!("{COPY_FILE}.partial"));
+        let res = self.copy_into(&part, compact);
+        if res.is_err() {
+            let _ = std::fs::remove_file(&part);
+            return res;
+        }
+        let done = dir.join(COPY_FILE);
+        std::fs::rename(&part, &done)
+            .map_err(|e| storage(&format!("cannot rename {}", part.display()), e))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| storage(&format!("cannot sync {}", dir.display()), e))?;
+        res
+    }
+
+    fn copy_into(&self, part: &Path, compact: bool) -> Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(part)
+            .map_err(|e| storage(&format!("cannot create {}", part.display()), e))?;
+        let option = if compact {
+            CompactionOption::Enabled
+        } else {
+            CompactionOption::Disabled
+        };
+        self.env
+            .copy_to_file(&mut file, option)
+            .map_err(self.lmdb_err("cannot copy the core"))?;
+        file.sync_all()
+            .map_err(|e| storage(&format!("cannot sync {}", part.display()), e))?;
+        file.metadata()
+            .map(|m| m.len())
+            .map_err(|e| storage(&format!("cannot stat {}", part.display()), e))
+    }
+}
+
+/// Make sure `dir` is an empty directory, creating it (0700) when missing.
+fn prepare_copy_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(_) => Err(StoreError::invalid(format!(
+                "{} is not empty: the core is copied into a new or empty directory",
+                dir.display()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| storage(&format!("cannot create {}", dir.display()), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(StoreError::invalid(format!(
+                "{} is not a directory: the core is copied into a new or empty directory",
+                dir.display()
+            )))
+        }
+        Err(e) => Err(storage(&format!("cannot read {}", dir.display()), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compacted copy reads one snapshot and takes no writer's lock, so
+    /// a write transaction held open meanwhile neither blocks it nor shows
+    /// in it.
+    #[test]
+    fn a_copy_does_not_wait_for_the_writer() -> Result<()> {
+        let io = |e: std::io::Error| StoreError::Storage(e.to_string());
+        let dir = tempfile::tempdir().map_err(io)?;
+        let s = Store::open(&dir.path().join("core"), &Options::default())?;
+        let copy = dir.path().join("copy");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        s.write(|txn| {
+            s.meta
+                .put(txn, b"uncommitted", b"1")
+                .map_err(s.lmdb_err("put"))?;
+            let (s2, copy2) = (Arc::clone(&s), copy.clone());
+            std::thread::spawn(move || {
+                let _ = done_tx.send(s2.copy_to(&copy2, true));
+            });
+            // A generous bound: a copy that waited for this writer would
+            // wait for ever (the transaction ends only after the answer).
+            match done_rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(res) => res.map(|_| ()),
+                Err(e) => Err(StoreError::Storage(format!("the copy waited: {e}"))),
+            }
+        })?;
+        let c = Store::open(&copy, &Options::default())?;
+        let got = c.read(|txn| {
+            c.meta
+                .get(txn, b"uncommitted")
+                .map_err(c.lmdb_err("get"))
+                .map(|v| v.is_some())
+        })?;
+        assert!(
+            !got,
+            "the copy holds a write that was not committed when it began"
+        );
+        Ok(())
     }
 }

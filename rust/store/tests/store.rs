@@ -288,3 +288,109 @@ fn community_first_match_decides_in_design_order() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_copy_holds_everything_committed_before_it_and_nothing_after() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(|e| StoreError::Storage(e.to_string()))?;
+    let live = dir.path().join("core");
+    let copy = dir.path().join("backup").join("core");
+    std::fs::create_dir(dir.path().join("backup"))
+        .map_err(|e| StoreError::Storage(e.to_string()))?;
+    let ann = "ann@example.test";
+    let s = Store::open(
+        &live,
+        &Options {
+            ipv4_prefix: Some(24),
+            ..opts()
+        },
+    )?;
+    s.community_add(ann, "friend@remote.test", Kind::Allow, Source::Manual, 1)?;
+    // A Recon cycle (one /24), committed: the group-commit buffer is not
+    // in a copy, so a source only buffered is new to it.
+    s.recon_check(ip("198.51.100.7"), 1000)?;
+    assert_eq!(
+        s.recon_check(ip("198.51.100.8"), 1060)?.status,
+        Status::Passed
+    );
+    s.flush()?;
+    s.recon_check(ip("203.0.113.1"), 1000)?;
+    // Many rows, then most of them deleted: the compacted copy leaves the
+    // free pages out.
+    let junk: Vec<String> = (0..5000).map(|i| format!("u{i}@junk.example")).collect();
+    s.community_add_many("junk@example.test", &junk, Kind::Block, Source::Import, 2)?;
+    for e in &junk[100..] {
+        s.community_remove("junk@example.test", e)?;
+    }
+
+    let bytes = s.copy_to(&copy, true)?;
+    s.community_add(ann, "late@remote.test", Kind::Allow, Source::Manual, 3)?;
+
+    let files: Vec<String> = std::fs::read_dir(&copy)
+        .map_err(|e| StoreError::Storage(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert_eq!(files, vec![kithmail_store::store::COPY_FILE.to_string()]);
+    let live_size = std::fs::metadata(live.join("data.mdb"))
+        .map_err(|e| StoreError::Storage(e.to_string()))?
+        .len();
+    assert!(
+        bytes < live_size,
+        "compacted {bytes} bytes, live file {live_size}"
+    );
+
+    // The copy is an environment of its own: prefixes as stored, same rows.
+    let c = Store::open(
+        &copy,
+        &Options {
+            ipv4_prefix: None,
+            ipv6_prefix: None,
+            ..opts()
+        },
+    )?;
+    assert_eq!(c.prefixes(), (24, 64));
+    let member = |sender: &str| -> Result<Member> {
+        Ok(c.member(&Query::new(ann, sender, None, None)?)?.status)
+    };
+    assert_eq!(member("friend@remote.test")?, Member::Allowed);
+    assert_eq!(member("late@remote.test")?, Member::Unknown);
+    assert_eq!(c.community_count("junk@example.test")?, 100);
+    assert_eq!(
+        c.recon_check(ip("198.51.100.99"), 2000)?.status,
+        Status::Known
+    );
+    assert_eq!(c.recon_check(ip("203.0.113.1"), 2000)?.status, Status::New);
+    Ok(())
+}
+
+#[test]
+fn a_copy_goes_only_into_a_new_or_empty_directory() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(|e| StoreError::Storage(e.to_string()))?;
+    let io = |e: std::io::Error| StoreError::Storage(e.to_string());
+    let s = Store::open(&dir.path().join("core"), &opts())?;
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).map_err(io)?;
+    std::fs::write(full.join("data.mdb"), b"someone else's").map_err(io)?;
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").map_err(io)?;
+    for target in [&full, &file, &dir.path().join("core")] {
+        match s.copy_to(target, true) {
+            Err(StoreError::InvalidInput(m)) => {
+                assert!(m.contains("new or empty directory"), "{m}")
+            }
+            other => panic!("{}: {other:?}", target.display()),
+        }
+    }
+    assert_eq!(
+        std::fs::read(full.join("data.mdb")).map_err(io)?,
+        b"someone else's"
+    );
+    match s.copy_to(&dir.path().join("no").join("such"), true) {
+        Err(StoreError::Storage(m)) => assert!(m.contains("cannot create"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // An empty directory is fine, and so is an uncompacted copy.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).map_err(io)?;
+    assert!(s.copy_to(&empty, false)? > 0);
+    Ok(())
+}
