@@ -16,7 +16,26 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from gateway import KITH, make_gateway, message, run, running_gateway, send
+import pytest
+from gateway import KITH, Gateway, make_gateway, message, run, running_gateway, send
+
+
+def _serve_until_it_exits(gw: Gateway) -> subprocess.CompletedProcess[str]:
+    """`kith serve`, expected to give up on its own; killed (workers too) if it does not."""
+    proc = subprocess.Popen(
+        [str(KITH), "serve", "-c", str(gw.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"kith serve kept running:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_a_worker_that_cannot_listen_says_why_and_the_server_exits(tmp_path: Path) -> None:
@@ -24,18 +43,25 @@ def test_a_worker_that_cannot_listen_says_why_and_the_server_exits(tmp_path: Pat
     with socket.socket() as taken:  # another program holds the submission port
         taken.bind(("127.0.0.1", gw.submission_port))
         taken.listen()
-        done = subprocess.run(
-            [str(KITH), "serve", "-c", str(gw.config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _serve_until_it_exits(gw)
     assert done.returncode != 0
     assert f"('127.0.0.1', {gw.submission_port}): address already in use" in done.stderr, (
         done.stderr[-3000:]
     )
     assert re.search(r"worker [01] \(pid \d+\) failed", done.stderr), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_web_port_in_use_stops_the_start_and_says_which(tmp_path: Path, workers: int) -> None:
+    """The web listener was bound in a task: its error went unseen and the log said it served."""
+    gw = make_gateway(tmp_path / "gw", sections={"server": {"workers": workers}})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", gw.web_port))
+        taken.listen()
+        done = _serve_until_it_exits(gw)
+    assert done.returncode != 0
+    assert f"127.0.0.1:{gw.web_port}: Address already in use" in done.stderr, done.stderr[-3000:]
+    assert "web UI, API and /metrics on" not in done.stderr
 
 
 def test_when_worker_0_dies_the_others_stop_and_the_status_says_so(tmp_path: Path) -> None:

@@ -497,6 +497,12 @@ async def _run_gateway(
     )
     submission = Submission(gateway=gw, database=database, core=core, data_dir=data_dir)
     gw.journal = submission.journal  # BCC journal copies on the inbound listener
+    # Worker 0's web and public listeners are bound here, before any SMTP
+    # one and not in their tasks: a port in use stops the start with its
+    # error, where a task that failed would go unseen (it is awaited only at
+    # stop) while the log said the UI was served.
+    web_sockets = _bind(settings.server.listeners.web) if index == 0 else []
+    public_sockets = _bind(settings.server.listeners.public) if queue is not None else []
     servers: list[asyncio.Server] = []
     for spec in settings.server.listeners.submission:
         host, _, port = spec.rpartition(":")
@@ -575,8 +581,10 @@ async def _run_gateway(
                 settings.server.listeners.web,
                 ssl_certfile=cert_key[0] if cert_key else None,
                 ssl_keyfile=cert_key[1] if cert_key else None,
+                sockets=web_sockets,
             )
         )
+        web.add_done_callback(_log_failure("the web listener"))
         for spec in settings.server.listeners.web:
             scheme = "https" if cert_key else "http"
             log.info("web UI, API and /metrics on %s://%s (pid %d)", scheme, spec, os.getpid())
@@ -590,7 +598,10 @@ async def _run_gateway(
         if settings.server.listeners.public:
             # The confirmation pages: one worker serves them (uvicorn).
             app = make_app(settings, database, on_verified, sav=sav, digest=digest, clock=clock)
-            public = asyncio.create_task(serve_public(app, settings.server.listeners.public))
+            public = asyncio.create_task(
+                serve_public(app, settings.server.listeners.public, sockets=public_sockets)
+            )
+            public.add_done_callback(_log_failure("the public pages' listener"))
             for spec in settings.server.listeners.public:
                 log.info("public pages on http://%s (pid %d)", spec, os.getpid())
 
@@ -648,6 +659,26 @@ async def _run_gateway(
     with contextlib.suppress(Exception):
         await asyncio.to_thread(stats.flush_sync, database)
     database.close()
+
+
+def _bind(listeners: list[str]) -> list[Any]:
+    """`kithmail.public.bind`, its error naming the addresses."""
+    from kithmail.public import bind
+
+    try:
+        return bind(listeners)
+    except OSError as e:
+        raise OSError(e.errno, f"{', '.join(listeners)}: {e.strerror or e}") from e
+
+
+def _log_failure(what: str) -> Callable[[asyncio.Task[None]], None]:
+    """A task's done-callback that logs the exception it ended with (awaited only at stop)."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.error("%s failed (pid %d): %s", what, os.getpid(), e, exc_info=e)
+
+    return done
 
 
 async def _flush_stats(stats: Any, database: Any, every: float = 10.0) -> None:
