@@ -26,6 +26,8 @@ def add_commands(
         "kithmail.cli_serve",
         "kithmail.cli_dkim",
         "kithmail.cli_digest",
+        "kithmail.cli_policy",
+        "kithmail.cli_backup",
     ):
         try:
             module = importlib.import_module(name)
