@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,7 @@ class Gateway:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    _log_from: int = 0
     test_hooks: bool = True
     offset: float = 0.0
     public_port: int = 0
@@ -124,6 +126,7 @@ class Gateway:
 
     def start(self) -> None:
         self.starts += 1
+        self._log_from = self.log.stat().st_size if self.log.exists() else 0
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [str(KITH), "serve", "-c", str(self.config)]
@@ -150,7 +153,9 @@ class Gateway:
                     if line.startswith("220 "):
                         with contextlib.suppress(OSError):
                             s.sendall(b"QUIT\r\n")
-                        if "kithmail ready" in self.log_text():
+                        # Every worker, not just the first: a test that counts what
+                        # each worker did must not find one still starting.
+                        if self._ready_workers() >= self._workers():
                             return
                     last = f"greeted with {line!r}"
             except ConnectionRefusedError:
@@ -159,6 +164,15 @@ class Gateway:
             except OSError as e:
                 last = str(e)
         raise RuntimeError(f"kith serve did not start ({last or 'timed out'}):\n{_tail(self.log)}")
+
+    def _workers(self) -> int:
+        server = tomllib.loads(self.config.read_text()).get("server", {})
+        return int(server.get("workers", 1))
+
+    def _ready_workers(self) -> int:
+        with self.log.open("rb") as f:
+            f.seek(self._log_from)
+            return f.read().decode(errors="replace").count("kithmail ready")
 
     def advance(self, seconds: float) -> None:
         """Move the server's clock (`kith serve --test-hooks`) forward."""
