@@ -2,7 +2,8 @@
 
 ``kith check-config [-c FILE]`` validates a config file (the embedded
 default without one) and prints every mistake, each naming its key.
-``kith policy [-c FILE]`` runs the Postfix policy service until SIGTERM.
+``kith policy [-c FILE]`` runs the Postfix policy service until SIGTERM
+(``kith policy show|set|unset`` are the policy overrides: `kithmail.cli_policy`).
 ``kith recon show|exempt``, ``kith reputation load|lists|drop|lookup`` and
 ``kith community add|remove|list|import`` open the core's LMDB environment
 (``<data_dir>/core``), do one job, flush and close. LMDB lets several
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         (
             "policy",
-            "run the Postfix policy service",
+            "run the Postfix policy service; show|set|unset: policy overrides",
             "Serve Recon and Reputation to Postfix over its policy-delegation "
             "protocol on [server] listeners.policy until SIGTERM or SIGINT.",
         ),
@@ -681,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if args.command == "check-config":
         return check_config(getattr(args, "config", None))
-    if args.command == "policy":
+    if args.command == "policy" and getattr(args, "standalone", None) is None:
         return run_policy(getattr(args, "config", None), getattr(args, "data_dir", None))
     if (standalone := getattr(args, "standalone", None)) is not None:
         return run_standalone(standalone, args)

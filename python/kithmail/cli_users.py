@@ -1,6 +1,6 @@
 """``kith user …`` and ``kith tenant …``: users and tenants from the shell.
 
-``kith user add|list|remove|passwd|disable|enable`` and ``kith tenant
+``kith user add|list|remove|passwd|disable|enable|role`` and ``kith tenant
 add|list|domain`` open the control-plane database
 (``<data_dir>/kithmail.db``), first making the config's local domains
 known to it (``[domains] local``; a new one joins the tenant ``default``),
@@ -30,6 +30,7 @@ from typing import Any
 
 from kithmail import config, db
 from kithmail.cli import CommandError, iso, table
+from kithmail.cli_quarantine import actor
 
 Standalone = Callable[[argparse.Namespace, config.Settings], int]
 
@@ -178,6 +179,26 @@ def cmd_user_enable(args: argparse.Namespace, settings: config.Settings) -> int:
     return _set_disabled(args, settings, False)
 
 
+def cmd_user_role(args: argparse.Namespace, settings: config.Settings) -> int:
+    # The last enabled global admin keeps the role (db.set_role refuses, exit 1).
+    with open_db(settings) as database:
+        before = database.user(args.address)
+        user = database.set_role(args.address, args.role)
+        if before.role != user.role:
+            database.audit(
+                actor(),
+                "user.role",
+                tenant=user.tenant,
+                target=user.address,
+                detail=f"{before.role} -> {user.role}",
+            )
+    if before.role == user.role:
+        print(f"{user.address} was already {user.role}")
+    else:
+        print(f"{user.address} is now {user.role} (was {before.role})")
+    return 0
+
+
 # --- tenant ----------------------------------------------------------------------------------
 
 
@@ -289,6 +310,14 @@ def add_commands(
     p.add_argument("address", metavar="ADDRESS", type=address_arg)
     p = leaf(user_cmds, "enable", cmd_user_enable, "Enable a disabled user again.")
     p.add_argument("address", metavar="ADDRESS", type=address_arg)
+    p = leaf(
+        user_cmds,
+        "role",
+        cmd_user_role,
+        "Make a user a plain user, an admin of their tenant, or a global admin.",
+    )
+    p.add_argument("address", metavar="ADDRESS", type=address_arg)
+    p.add_argument("role", metavar="ROLE", choices=db.ROLES, help=" | ".join(db.ROLES))
 
     tenant = commands.add_parser(
         "tenant",
