@@ -105,6 +105,13 @@ def _owned_like(src: os.stat_result, dst: Path) -> None:
         os.lchown(dst, src.st_uid, src.st_gid)
 
 
+def _owned_as_data_dir(data_dir: Path, paths: list[Path]) -> None:
+    """What the backup made itself (directories, the core's and database's copies)."""
+    st = data_dir.stat()
+    for p in paths:
+        _owned_like(st, p)
+
+
 def _copy_file(src: Path, dst: Path) -> int:
     """A plain copy with mode and times; its size."""
     shutil.copy2(src, dst, follow_symlinks=False)
@@ -324,6 +331,11 @@ def backup(settings: config.Settings, dest: Path, *, link: bool = True) -> tuple
         _backup_core(settings, dest / "core", report)
         _backup_database(data_dir / "kithmail.db", dest / "kithmail.db", report)
         _backup_others(settings, data_dir, dest, report)
+        spool = dest / "spool"
+        made = [spool, *(p for p in spool.iterdir() if p.is_dir())]
+        made += [*(spool / "hold").iterdir()] if (spool / "hold").is_dir() else []
+        made += [dest / "core", dest / "core" / "data.mdb", dest / "kithmail.db"]
+        _owned_as_data_dir(data_dir, [dest, *made] if create else made)
         os.sync()  # the copies on disk before the manifest says they are there
         seconds = time.monotonic() - t0
         manifest: dict[str, Any] = {
