@@ -20,9 +20,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from gateway import KITH, Gateway, free_port, message, run, running_gateway, send
 
-from kithmail import Core
+from kithmail import Core, InvalidInputError
 from kithmail.db import Database
 
 ANN = "ann@example.test"
@@ -212,3 +213,28 @@ def test_backup_refuses_a_bad_target_and_says_why(tmp_path: Path) -> None:
         "kithmail.db",
         "spool",
     ]
+
+
+def test_core_copy_to_refuses_a_used_target_and_the_copy_opens(tmp_path: Path) -> None:
+    core = Core(str(tmp_path / "core"), ipv4_prefix=24)
+    try:
+        core.community.add(ANN, "friend@remote.test", "allow", "manual", 1)
+        (tmp_path / "used").mkdir()
+        (tmp_path / "used" / "data.mdb").write_bytes(b"not ours to overwrite")
+        with pytest.raises(InvalidInputError, match="is not empty"):
+            core.copy_to(str(tmp_path / "used"))
+        assert (tmp_path / "used" / "data.mdb").read_bytes() == b"not ours to overwrite"
+        with pytest.raises(ValueError, match="not a directory"):
+            core.copy_to(str(tmp_path / "used" / "data.mdb"))
+        core.copy_to(str(tmp_path / "copy"))
+        core.community.add(ANN, "late@remote.test", "allow", "manual", 2)
+    finally:
+        core.close()
+    assert [p.name for p in (tmp_path / "copy").iterdir()] == ["data.mdb"]
+    copy = Core(str(tmp_path / "copy"), ipv4_prefix=None, ipv6_prefix=None)
+    try:
+        assert copy.stats()["ipv4_prefix"] == 24
+        assert copy.community.member(ANN, "friend@remote.test").status == "allowed"
+        assert copy.community.member(ANN, "late@remote.test").status == "unknown"
+    finally:
+        copy.close()
