@@ -137,6 +137,29 @@ def test_a_tenants_show_lists_only_what_a_tenant_may_change(kith: Kith) -> None:
     assert "recon.min_delay" not in table  # the Recon table is shared by every tenant
 
 
+def test_show_flags_a_stored_override_that_no_longer_validates(
+    kith: Kith, database: Callable[[], Database]
+) -> None:
+    # As if a newer file or an older kithmail made it invalid: the server skips it.
+    with database().write() as conn:
+        conn.execute(
+            "INSERT INTO overrides (scope, key, value, changed_at, changed_by)"
+            " VALUES ('', 'spf.softfail', '\"bounce\"', 0, 'test')"
+        )
+    r = kith("policy", "show")
+    assert r.code == 0, r.err
+    assert rows(r.out)["spf.softfail"] == ["tag", "file", "quarantine (built-in)"]
+    assert r.err == (
+        "note: the global override spf.softfail = bounce is ignored: global override: "
+        "`spf.softfail`: Input should be 'accept', 'tag', 'quarantine', 'defer' or 'reject'\n"
+    )
+    doc = json.loads(kith("policy", "show", "--json").out)
+    assert next(d for d in doc if d["key"] == "spf.softfail")["ignored_override"] == "bounce"
+    # And it can be removed.
+    assert kith("policy", "unset", "spf.softfail").code == 0
+    assert stored(database()) == []
+
+
 def test_show_of_an_unknown_tenant_is_not_found(kith: Kith) -> None:
     r = kith("policy", "show", "--tenant", "nobody")
     assert (r.code, r.out, r.err) == (1, "", "kith: error: no tenant named 'nobody'\n")

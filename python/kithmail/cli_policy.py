@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kithmail import config, db
@@ -101,6 +103,25 @@ def _replaces(s: Source) -> str:
     return "-" if s.replaces_origin is None else f"{shown(s.replaces)} ({s.replaces_origin})"
 
 
+def _why(ov: Overrides, scope: str, key: str, value: Any) -> str:
+    try:
+        ov.validate(scope, key, value)
+    except OverrideError as e:
+        return _printable(str(e))
+    return "it does not validate together with the other overrides"
+
+
+@contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Hold back a logger's warnings (the command reports them itself)."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _refused(e: OverrideError) -> int:
     print(f"kith: error: {_printable(str(e))}", file=sys.stderr)
     return 2
@@ -110,14 +131,16 @@ def _refused(e: OverrideError) -> int:
 
 
 def cmd_show(args: argparse.Namespace, settings: config.Settings) -> int:
-    with open_db(settings) as database:
+    here = "global" if args.tenant is None else "tenant"
+    with open_db(settings) as database, _quiet(logging.getLogger("kithmail.overrides")):
         scope = _tenant(database, args.tenant)
         ov = _overrides(database, settings)
         sources = ov.explain(scope or None)
         stored = ov.get(scope)
-    here = "tenant" if scope else "global"
-    # A stored override that no longer validates (the file changed under it) is ignored.
-    ignored = {s.key: stored[s.key] for s in sources if s.key in stored and s.origin != here}
+        # A stored override that no longer validates (the file changed under it) is
+        # ignored by the server; say so, and why, here rather than through its log.
+        ignored = {s.key: stored[s.key] for s in sources if s.key in stored and s.origin != here}
+        why = {key: _why(ov, scope, key, value) for key, value in ignored.items()}
     if args.json:
         doc = [
             {
@@ -136,8 +159,7 @@ def cmd_show(args: argparse.Namespace, settings: config.Settings) -> int:
     print(table(["key", "value", "origin", "replaces"], rows))
     for key, value in ignored.items():
         print(
-            f"note: the {_scope(scope)} override {key} = {shown(value)} is ignored: "
-            "it no longer validates with the config file",
+            f"note: the {_scope(scope)} override {key} = {shown(value)} is ignored: {why[key]}",
             file=sys.stderr,
         )
     return 0
@@ -195,7 +217,7 @@ def add_commands(
         policy.set_defaults(handler=None, parser=policy, check=None)
     actions = policy.add_subparsers(
         dest="subcommand",
-        metavar="ACTION",
+        metavar="[ACTION]",
         required=False,
         title="policy overrides (without ACTION: run the policy service)",
     )
