@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
+from disk import tmpfs
 from gateway import KITH, Gateway, free_port, message, run, running_gateway, send
 
 from kithmail import Core, InvalidInputError
 from kithmail.db import Database
+from kithmail.spool import Envelope, Outcome, Recipient, Spool, State
 
 ANN = "ann@example.test"
 PASSED = "127.0.0.5"  # a source that passes Recon before the backup
@@ -238,3 +240,48 @@ def test_core_copy_to_refuses_a_used_target_and_the_copy_opens(tmp_path: Path) -
         assert copy.community.member(ANN, "late@remote.test").status == "unknown"
     finally:
         copy.close()
+
+
+def test_backup_to_another_filesystem_copies_and_a_full_one_fails_clean(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    data.mkdir()
+    Database.open(data / "kithmail.db").close()
+    Core(str(data / "core")).close()
+    spool = Spool(data / "spool")
+    envelope = Envelope(
+        received=1.0,
+        client_ip="192.0.2.1",
+        helo="client.example",
+        mail_from="pat@remote.test",
+        recipients=(Recipient(ANN, Outcome.QUARANTINE), Recipient(ANN, Outcome.DELIVER)),
+    )
+    qid = spool.accept_sync(envelope, message("across"))
+    spool.mark_sync(qid, 1, State.DELIVERED)
+    env = {**os.environ, "KITHMAIL_DATA_DIR": str(data)}
+
+    def backup(dest: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(KITH), "backup", str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+
+    # Another filesystem: no hard link is possible, the message is copied.
+    with tmpfs(tmp_path / "other", "size=8m") as other:
+        r = backup(other / "b")
+        assert r.returncode == 0, r.stderr
+        assert "spool: 1 messages" in r.stdout and "hard-linked" not in r.stdout, r.stdout
+        copied = Spool(other / "b" / "spool").load_sync(qid)
+        assert copied.read_bytes() == message("across")
+        assert [s.state for s in copied.recipients] == [State.HELD, State.DELIVERED]
+    # A full one: the copy fails, says so, and leaves nothing behind.
+    with tmpfs(tmp_path / "small", "size=16k") as small:
+        r = backup(small)
+        assert r.returncode == 1, r.stdout
+        assert r.stderr.startswith(f"kith: error: backup failed, nothing left in {small}: "), (
+            r.stderr
+        )
+        assert list(small.iterdir()) == []

@@ -218,7 +218,7 @@ def _backup_core(settings: config.Settings, dst: Path, report: Report) -> None:
     try:
         core.copy_to(str(dst), compact=True)
     except CoreError as e:
-        raise CommandError(f"copying the core: {e}") from None
+        raise CommandError(str(e)) from None  # "cannot copy the core: LMDB: ..."
     finally:
         core.close()
     report.core_bytes = (dst / "data.mdb").stat().st_size
