@@ -68,6 +68,7 @@ _NOT_STATE = frozenset({"metrics", "test-clock", "test-clock.tmp", MANIFEST})
 _DONE = frozenset(
     {"kithmail.db", "kithmail.db-wal", "kithmail.db-shm", "kithmail.db-journal", "core", "spool"}
 )
+# A queue id as kithmail.spool spells them: only those files are messages.
 _QUEUE_ID = re.compile(r"[0-9a-hjkmnp-tv-z]{19}")
 # A hard link is refused across filesystems, by some filesystems, and by
 # protected_hardlinks for files of another user: then copy.
