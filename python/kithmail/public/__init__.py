@@ -39,19 +39,16 @@ Standards: RFC 9110 (HTTP semantics: safe GET, 404/410), RFC 6454
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import html
-import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -59,7 +56,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kithmail import config
+from kithmail import asgi, config
+from kithmail.asgi import bind
 from kithmail.db import Database
 from kithmail.digest import Action, Digest, Link
 from kithmail.sav import OnVerified, Sav, TokenData
@@ -436,67 +434,8 @@ def make_app(
     return app
 
 
-def bind(listeners: Sequence[str]) -> list[socket.socket]:
-    """Listening TCP sockets for "IP:PORT" / "[IPv6]:PORT" strings (port 0: any free one)."""
-    out: list[socket.socket] = []
-    try:
-        for listener in listeners:
-            host, _, port = listener.strip().rpartition(":")
-            host = host.strip("[]")
-            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            out.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, int(port)))
-            sock.listen(128)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in out:
-            sock.close()
-        raise
-    return out
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The gateway owns SIGTERM/SIGINT; uvicorn would replace its handlers.
-        yield
-
-
 async def serve_public(
     app: ASGIApp, listeners: Sequence[str], *, sockets: Sequence[socket.socket] | None = None
 ) -> None:
-    """Serve ``app`` on ``listeners`` (``[server] listeners.public``) until cancelled.
-
-    Runs in the current event loop; ``sockets`` (already listening, from
-    `bind`) replace ``listeners`` when given. On cancellation the server
-    stops accepting, finishes what is in flight, closes the sockets and the
-    cancellation goes on.
-    """
-    socks = list(sockets) if sockets is not None else bind(listeners)
-    cfg = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        http="h11",
-        ws="none",
-        timeout_keep_alive=5,
-    )
-    server = _Server(cfg)
-    task = asyncio.ensure_future(server.serve(sockets=socks))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise
-    finally:
-        for sock in socks:
-            sock.close()
+    """Serve ``app`` on ``listeners`` (``[server] listeners.public``) until cancelled."""
+    await asgi.serve(app, listeners, sockets=sockets)

@@ -104,6 +104,7 @@ from kithmail.spool import (
 from kithmail.tenants import Policies
 
 __all__ = [
+    "HELD_COLUMNS",
     "AdminOnlyError",
     "Held",
     "NotHeldError",
@@ -115,6 +116,8 @@ __all__ = [
     "Swept",
     "Taught",
     "deciding_verdict",
+    "held_from_row",
+    "like_pattern",
     "reserve_for",
     "sender_identity",
 ]
@@ -321,7 +324,7 @@ def _header_lines(msg: SpooledMessage) -> list[bytes]:
     return out
 
 
-_COLUMNS = (
+HELD_COLUMNS = (
     "queue_id, rcpt_index, tenant, user, sender, from_addr, subject, date, size,"
     " layer, reason, detail, sav, held_at, expires_at"
 )
@@ -338,7 +341,8 @@ _UPSERT = (
 )
 
 
-def _held(row: Sequence[object]) -> Held:
+def held_from_row(row: Sequence[object]) -> Held:
+    """A `Held` from one row of ``SELECT {HELD_COLUMNS} FROM quarantine``."""
     q, i, tenant, user, sender, frm, subject, date, size, layer, reason, detail, sav, at, exp = row
     return Held(
         cast(str, q),
@@ -359,7 +363,8 @@ def _held(row: Sequence[object]) -> Held:
     )
 
 
-def _like(text: str) -> str:
+def like_pattern(text: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') matching ``text`` anywhere, its wildcards taken literally."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
@@ -564,10 +569,10 @@ class Quarantine:
         params: list[object] = [_fold_user(user)]
         if sender:
             sql += " AND (sender LIKE ? ESCAPE '\\' OR from_addr LIKE ? ESCAPE '\\')"
-            params += [_like(sender), _like(sender)]
+            params += [like_pattern(sender), like_pattern(sender)]
         if subject:
             sql += " AND subject LIKE ? ESCAPE '\\'"
-            params.append(_like(subject))
+            params.append(like_pattern(subject))
         if since is not None:
             sql += " AND held_at >= ?"
             params.append(int(since))
@@ -594,11 +599,11 @@ class Quarantine:
             raise ValueError(f"limit is 1 to {MAX_PAGE} and offset is not negative")
         where, params = self._where(user, sender, subject, since)
         rows = self.db.read(
-            f"SELECT {_COLUMNS} FROM quarantine WHERE {where}"
+            f"SELECT {HELD_COLUMNS} FROM quarantine WHERE {where}"
             " ORDER BY held_at DESC, queue_id DESC, rcpt_index DESC LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
-        return [_held(r) for r in rows]
+        return [held_from_row(r) for r in rows]
 
     def count_sync(
         self,
@@ -636,17 +641,17 @@ class Quarantine:
     def held_sync(self, queue_id: str) -> list[Held]:
         """The indexed held copies of one message, by recipient index."""
         rows = self.db.read(
-            f"SELECT {_COLUMNS} FROM quarantine WHERE queue_id = ? ORDER BY rcpt_index",
+            f"SELECT {HELD_COLUMNS} FROM quarantine WHERE queue_id = ? ORDER BY rcpt_index",
             (queue_id,),
         )
-        return [_held(r) for r in rows]
+        return [held_from_row(r) for r in rows]
 
     def _row(self, queue_id: str, rcpt_index: int) -> Held | None:
         rows = self.db.read(
-            f"SELECT {_COLUMNS} FROM quarantine WHERE queue_id = ? AND rcpt_index = ?",
+            f"SELECT {HELD_COLUMNS} FROM quarantine WHERE queue_id = ? AND rcpt_index = ?",
             (queue_id, rcpt_index),
         )
-        return _held(rows[0]) if rows else None
+        return held_from_row(rows[0]) if rows else None
 
     def _current(
         self, queue_id: str, rcpt_index: int, user: str | None
@@ -784,13 +789,13 @@ class Quarantine:
         (anti-spoofing, anti-virus, …) stay held.
         """
         rows = self.db.read(
-            f"SELECT {_COLUMNS} FROM quarantine WHERE user = ? AND sender = ? AND layer = ?"
+            f"SELECT {HELD_COLUMNS} FROM quarantine WHERE user = ? AND sender = ? AND layer = ?"
             " ORDER BY held_at, queue_id, rcpt_index",
             (_fold_user(user), _fold_sender(sender), str(Layer.COMMUNITY)),
         )
         released: list[Held] = []
         for row in rows:
-            h = _held(row)
+            h = held_from_row(row)
             try:
                 released.append(self.release_sync(h.queue_id, h.rcpt_index, actor=actor, user=user))
             except NotHeldError:
@@ -911,12 +916,12 @@ class Quarantine:
         deleted = [self.delete_sync(queue_id, rcpt_index, actor=actor, user=user)]
         if held.sender:
             rows = self.db.read(
-                f"SELECT {_COLUMNS} FROM quarantine WHERE user = ? AND sender = ?"
+                f"SELECT {HELD_COLUMNS} FROM quarantine WHERE user = ? AND sender = ?"
                 " ORDER BY held_at, queue_id, rcpt_index",
                 (held.user, held.sender),
             )
             for row in rows:
-                h = _held(row)
+                h = held_from_row(row)
                 try:
                     deleted.append(
                         self.delete_sync(h.queue_id, h.rcpt_index, actor=actor, user=held.user)
@@ -949,13 +954,13 @@ class Quarantine:
         """
         t = int(self._clock() if now is None else now)
         rows = self.db.read(
-            f"SELECT {_COLUMNS} FROM quarantine WHERE expires_at <= ?"
+            f"SELECT {HELD_COLUMNS} FROM quarantine WHERE expires_at <= ?"
             " ORDER BY expires_at, queue_id, rcpt_index LIMIT ?",
             (t, limit),
         )
         deleted = removed = kept = 0
         for row in rows:
-            h = _held(row)
+            h = held_from_row(row)
             with self._locked(h.queue_id):
                 try:
                     msg = self.spool.load_sync(h.queue_id, verify=False)

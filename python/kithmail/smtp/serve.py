@@ -663,7 +663,7 @@ async def _run_gateway(
 
 def _bind(listeners: list[str]) -> list[Any]:
     """`kithmail.public.bind`, its error naming the addresses."""
-    from kithmail.public import bind
+    from kithmail.asgi import bind
 
     try:
         return bind(listeners)

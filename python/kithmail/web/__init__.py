@@ -21,16 +21,13 @@ security header.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from kithmail import config
+from kithmail import asgi, config
 from kithmail.web.api import router as api_router
 from kithmail.web.auth import LoginLimiter
 from kithmail.web.errors import install_error_handlers
@@ -86,13 +83,6 @@ def web_tls_files(settings: config.Settings) -> tuple[str, str] | None:
     return str(cert), str(key)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The gateway owns SIGTERM/SIGINT/SIGHUP; uvicorn would replace its handlers.
-        yield
-
-
 async def serve_web(
     app: FastAPI,
     listeners: Sequence[str],
@@ -102,31 +92,6 @@ async def serve_web(
     sockets: Sequence[socket.socket] | None = None,
 ) -> None:
     """Serve ``app`` on ``listeners`` until cancelled (TLS when a certificate is given)."""
-    from kithmail.public import bind
-
-    socks = list(sockets) if sockets is not None else bind(listeners)
-    cfg = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        http="h11",
-        ws="none",
-        timeout_keep_alive=5,
-        ssl_certfile=ssl_certfile,
-        ssl_keyfile=ssl_keyfile,
+    await asgi.serve(
+        app, listeners, sockets=sockets, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile
     )
-    server = _Server(cfg)
-    task = asyncio.ensure_future(server.serve(sockets=socks))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise
-    finally:
-        for sock in socks:
-            sock.close()

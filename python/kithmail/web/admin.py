@@ -44,6 +44,7 @@ from fastapi.responses import RedirectResponse, Response
 from kithmail import db
 from kithmail._core import InvalidInputError, normalize_entry
 from kithmail.layers.community import org_user
+from kithmail.quarantine import like_pattern
 from kithmail.web import dashboard as dash
 from kithmail.web.auth import (
     ApiToken,
@@ -610,7 +611,7 @@ def held_rows(
         value = value.strip().lower()[:MAX_FILTER]
         if value:
             where.append(f"{column} LIKE ? ESCAPE '\\'")
-            params.append(_like(value))
+            params.append(like_pattern(value))
     sql_where = " AND ".join(where)
     total = int(
         str(s.database.read(f"SELECT count(*) FROM quarantine WHERE {sql_where}", params)[0][0])
@@ -664,10 +665,6 @@ class AuditRow:
         }
 
 
-def _like(value: str) -> str:
-    return "%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
 def audit_rows(
     s: Services,
     p: Principal,
@@ -693,13 +690,13 @@ def audit_rows(
         params.append(scope)
     if actor.strip():
         where.append("actor LIKE ? ESCAPE '\\'")
-        params.append(_like(actor.strip()[:MAX_FILTER]))
+        params.append(like_pattern(actor.strip()[:MAX_FILTER]))
     if target.strip():
         where.append("target LIKE ? ESCAPE '\\'")
-        params.append(_like(target.strip()[:MAX_FILTER]))
+        params.append(like_pattern(target.strip()[:MAX_FILTER]))
     if action.strip():
         where.append("action LIKE ? ESCAPE '\\'")
-        params.append(_like(action.strip()[:MAX_FILTER])[1:])  # a prefix
+        params.append(like_pattern(action.strip()[:MAX_FILTER])[1:])  # a prefix
     if since is not None:
         where.append("at >= ?")
         params.append(since)

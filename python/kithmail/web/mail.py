@@ -40,12 +40,15 @@ from typing import Final, Literal, cast
 
 from kithmail.db import InvalidError, fold_address
 from kithmail.quarantine import (
+    HELD_COLUMNS,
     AdminOnlyError,
     Held,
     NotHeldError,
     NotLocalError,
     QuarantineError,
     Shown,
+    held_from_row,
+    like_pattern,
 )
 from kithmail.spool import MessageNotFoundError, SpoolError
 from kithmail.web.auth import Principal, may_manage_tenant
@@ -84,38 +87,6 @@ ACTIONS: Final[tuple[Action, ...]] = (
     "delete",
 )
 
-_COLUMNS: Final = (
-    "queue_id, rcpt_index, tenant, user, sender, from_addr, subject, date, size,"
-    " layer, reason, detail, sav, held_at, expires_at"
-)
-
-
-def _held(row: Sequence[object]) -> Held:
-    q, i, tenant, user, sender, frm, subject, date, size, layer, reason, detail, sav, at, exp = row
-    return Held(
-        cast(str, q),
-        cast(int, i),
-        cast(str, tenant),
-        cast(str, user),
-        cast(str, sender),
-        cast(str, frm),
-        cast(str, subject),
-        cast(str, date),
-        cast(int, size),
-        cast(str, layer),
-        cast(str, reason),
-        cast(str, detail),
-        cast(str, sav),
-        cast(int, at),
-        cast(int, exp),
-    )
-
-
-def _like(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
 # ---------------------------------------------------------------- ids and scope
 
 
@@ -151,12 +122,12 @@ def find_held(services: Services, p: Principal, queue_id: str, rcpt_index: int) 
     if not _QUEUE_ID.fullmatch(queue_id) or not 0 <= rcpt_index < 100_000:
         raise _not_found()
     rows = services.database.read(
-        f"SELECT {_COLUMNS} FROM quarantine WHERE queue_id = ? AND rcpt_index = ?",
+        f"SELECT {HELD_COLUMNS} FROM quarantine WHERE queue_id = ? AND rcpt_index = ?",
         (queue_id, rcpt_index),
     )
     if not rows:
         raise _not_found()
-    held = _held(rows[0])
+    held = held_from_row(rows[0])
     if not may_see_address(services, p, held.user):
         raise _not_found()
     return held
@@ -203,10 +174,10 @@ def list_held(
     params: list[object] = [user]
     if search.sender:
         sql += " AND (sender LIKE ? ESCAPE '\\' OR from_addr LIKE ? ESCAPE '\\')"
-        params += [_like(search.sender), _like(search.sender)]
+        params += [like_pattern(search.sender), like_pattern(search.sender)]
     if search.subject:
         sql += " AND subject LIKE ? ESCAPE '\\'"
-        params.append(_like(search.subject))
+        params.append(like_pattern(search.subject))
     if search.since is not None:
         sql += " AND held_at >= ?"
         params.append(search.since)
@@ -216,11 +187,11 @@ def list_held(
     db = services.database
     total = cast(int, db.read(f"SELECT count(*) FROM quarantine WHERE {sql}", params)[0][0])
     rows = db.read(
-        f"SELECT {_COLUMNS} FROM quarantine WHERE {sql}"
+        f"SELECT {HELD_COLUMNS} FROM quarantine WHERE {sql}"
         " ORDER BY held_at DESC, queue_id DESC, rcpt_index DESC LIMIT ? OFFSET ?",
         [*params, limit, offset],
     )
-    return [_held(r) for r in rows], total
+    return [held_from_row(r) for r in rows], total
 
 
 # ---------------------------------------------------------------- text for people
