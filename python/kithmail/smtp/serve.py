@@ -662,7 +662,7 @@ async def _run_gateway(
 
 
 def _bind(listeners: list[str]) -> list[Any]:
-    """`kithmail.public.bind`, its error naming the addresses."""
+    """`kithmail.asgi.bind`, its error naming the addresses."""
     from kithmail.asgi import bind
 
     try:
