@@ -12,6 +12,9 @@ MATURIN_VER := 1.16.0
 SOAK_MINUTES ?= 10
 RUST_SRC    := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 STAMP       := $(VENV)/.built-debug
+# pytest processes (pytest-xdist); every test picks its own free ports and
+# temporary directories, so they run side by side. PYTEST_JOBS=0 runs in one.
+PYTEST_JOBS ?= 4
 # Debian packages the tests drive for real (installed by `make test` when missing).
 DEB_PACKAGES := dnsmasq postfix swaks knot clamav-daemon chromium prometheus systemd sqlite3 rsync
 # ... and those the benchmarks compare against (installed by `make bench`).
@@ -54,7 +57,7 @@ test-rust:
 
 test-python: build
 	$(PY) -m mypy.stubtest kithmail._core --allowlist tests/stubtest-allowlist.txt
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_JOBS)
 
 lint: build
 	$(VENV)/bin/ruff check python tests bench
