@@ -9,7 +9,6 @@ log_format = "json"` writes one JSON object a line.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -63,9 +62,7 @@ def test_json_lines_are_one_object_each() -> None:
     assert got["exc"].startswith("Traceback") and got["exc"].endswith("ValueError: bad\nthing")
 
 
-def test_setup_logging_follows_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    err = io.StringIO()
-    monkeypatch.setattr("sys.stderr", err)
+def test_setup_logging_follows_the_config(capsys: pytest.CaptureFixture[str]) -> None:
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
     try:
@@ -76,7 +73,7 @@ def test_setup_logging_follows_the_config(monkeypatch: pytest.MonkeyPatch) -> No
         setup_logging(settings)  # again, as a reload does: still one handler
         logging.getLogger("kithmail.test").info("not written")
         logging.getLogger("kithmail.test").warning("written %s", "once")
-        lines = err.getvalue().splitlines()
+        lines = capsys.readouterr().err.splitlines()
         assert [json.loads(line)["msg"] for line in lines] == ["written once"]
     finally:
         root.handlers[:] = saved[1]

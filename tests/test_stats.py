@@ -219,12 +219,9 @@ def test_a_finished_days_sources_are_trimmed_to_the_top(database: Database) -> N
     assert {t.source for t in top} == {f"10.0.{i}.0/24" for i in range(5)}
 
 
-def test_a_flood_of_sources_is_bounded_in_memory(
-    database: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(stats, "MAX_KEYS", 10)
+def test_a_flood_of_sources_is_bounded_in_memory(database: Database) -> None:
     clock = Clock()
-    s = make(clock)
+    s = Stats(clock, TENANTS.get, max_keys=10)
     for i in range(50):
         s.transaction(
             tenant=None,

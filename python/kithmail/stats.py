@@ -164,12 +164,20 @@ class Stats:
 
     ``tenant_of(domain)`` names the tenant of a local domain (None for
     others) for recipients refused before the transaction had one;
-    ``clock`` is the server's (the tests move it).
+    ``clock`` is the server's (the tests move it); ``max_keys`` bounds each
+    window's distinct keys (`MAX_KEYS`).
     """
 
-    def __init__(self, clock: Callable[[], float], tenant_of: Callable[[str], str | None]) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        tenant_of: Callable[[str], str | None],
+        *,
+        max_keys: int = MAX_KEYS,
+    ) -> None:
         self._clock = clock
         self._tenant_of = tenant_of
+        self.max_keys = max_keys
         self._lock = threading.Lock()  # counting is on the loop, flushing in a thread
         self._daily: Counter[DailyKey] = Counter()
         self._sources: Counter[SourceKey] = Counter()
@@ -271,13 +279,13 @@ class Stats:
                         self._add_source((day, owner, source, action))
 
     def _add_daily(self, key: DailyKey) -> None:
-        if key in self._daily or len(self._daily) < MAX_KEYS:
+        if key in self._daily or len(self._daily) < self.max_keys:
             self._daily[key] += 1
         else:
             self.dropped += 1
 
     def _add_source(self, key: SourceKey) -> None:
-        if key in self._sources or len(self._sources) < MAX_KEYS:
+        if key in self._sources or len(self._sources) < self.max_keys:
             self._sources[key] += 1
         else:
             self.dropped += 1
@@ -293,7 +301,7 @@ class Stats:
         """Add the counts to the database and prune old days; how many keys were written.
 
         Blocking: call it in a thread. On a database error the counts are
-        kept for the next flush (still bounded by `MAX_KEYS`) and the error
+        kept for the next flush (still bounded by `max_keys`) and the error
         is raised.
         """
         with self._lock:
@@ -322,10 +330,10 @@ class Stats:
         except Exception:
             with self._lock:
                 for dk, n in daily.items():
-                    if dk in self._daily or len(self._daily) < MAX_KEYS:
+                    if dk in self._daily or len(self._daily) < self.max_keys:
                         self._daily[dk] += n
                 for sk, n in sources.items():
-                    if sk in self._sources or len(self._sources) < MAX_KEYS:
+                    if sk in self._sources or len(self._sources) < self.max_keys:
                         self._sources[sk] += n
             raise
         self._trim_finished_days(database, now)
