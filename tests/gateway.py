@@ -429,3 +429,19 @@ async def send(
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+async def smtp_quit(smtp: Any, timeout: float = 10.0) -> None:
+    """QUIT an aiosmtplib client and wait until its socket is really closed.
+
+    After STARTTLS, quit() returns while the TLS close_notify exchange is
+    still running; if `run` ends the event loop then, the plain socket under
+    the TLS layer is left to the garbage collector and pytest reports it
+    (ResourceWarning) in whichever test happens to collect it next.
+    """
+    sock = smtp.transport.get_extra_info("socket") if smtp.transport is not None else None
+    await smtp.quit()
+    deadline = time.monotonic() + timeout
+    while sock is not None and sock.fileno() != -1:
+        assert time.monotonic() < deadline, "the client's socket did not close after QUIT"
+        await asyncio.sleep(0.01)

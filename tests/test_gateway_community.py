@@ -23,7 +23,7 @@ import aiosmtplib
 import pytest
 from auth_zones import ZONES, message, records
 from dns_server import Dnsmasq, StartDnsmasq
-from gateway import Gateway, Reply, run, running_gateway, send
+from gateway import Gateway, Reply, run, running_gateway, send, smtp_quit
 from sink import Sink, smtp_sink
 
 OUTSIDE = "127.0.0.70"
@@ -190,7 +190,7 @@ def test_outbound_mail_teaches_and_the_reply_is_delivered_without_challenge(
         )
         errors, _ = await smtp.sendmail("bob@example.test", ["ann@bank.test"], out)
         assert errors == {}
-        await smtp.quit()
+        await smtp_quit(smtp)
 
     run(submit())
     gw.wait_for(

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import aiosmtplib
 import pytest
-from gateway import Gateway, Reply, message, run
+from gateway import Gateway, Reply, message, run, smtp_quit
 from smtp_fixtures import (
     RECON_EXEMPT,
     log_lines,
@@ -95,7 +95,7 @@ def test_a_transaction_over_tls_is_delivered_with_esmtps_in_received(gw: Gateway
             assert reply.startswith("2.0.0 Ok: queued as"), reply
             return version, (again.code, again.message.split(" ", 1)[0])
         finally:
-            await smtp.quit()
+            await smtp_quit(smtp)
 
     version, again = run(go())
     assert again == (503, "5.5.1"), again

@@ -33,7 +33,7 @@ import pytest
 from argon2 import PasswordHasher
 from clamd_server import EICAR, Clamd, clamd_server
 from dns_server import Dnsmasq, StartDnsmasq
-from gateway import Client, Reply
+from gateway import Client, Reply, smtp_quit
 from prometheus_client import CollectorRegistry
 from sink import Sink, smtp_sink
 
@@ -258,17 +258,17 @@ def test_auth_plain_and_login_succeed_after_starttls(tmp_path: Path) -> None:
             assert "plain" in smtp.server_auth_methods and "login" in smtp.server_auth_methods
             r = await smtp.auth_plain(ANN, ANN_PW)
             assert (r.code, r.message.split()[0]) == (235, "2.7.0")
-            await smtp.quit()
+            await smtp_quit(smtp)
             smtp = await submit_client(env)
             r = await smtp.auth_login(BOB, BOB_PW)
             assert (r.code, r.message.split()[0]) == (235, "2.7.0")
-            await smtp.quit()
+            await smtp_quit(smtp)
             # login() chooses a mechanism itself; AUTH is not offered once done.
             smtp = await submit_client(env)
             await smtp.login(ANN, ANN_PW)
             r2 = await smtp.ehlo(hostname="laptop.example.test")
             assert "AUTH" not in r2.message
-            await smtp.quit()
+            await smtp_quit(smtp)
 
     run(go())
 
@@ -394,7 +394,7 @@ def test_the_envelope_sender_must_be_the_users_own(tmp_path: Path) -> None:
                 r = await smtp.mail(sender)
                 assert r.code == 250
                 await smtp.rset()
-            await smtp.quit()
+            await smtp_quit(smtp)
         assert env.spool.queue_ids_sync() == []
 
     run(go())
@@ -411,12 +411,12 @@ def test_messages_per_user_are_rate_limited(tmp_path: Path) -> None:
             with pytest.raises(aiosmtplib.SMTPSenderRefused) as e:
                 await smtp.mail(ANN)
             assert (e.value.code, e.value.message[:5]) == (451, "4.7.1")
-            await smtp.quit()
+            await smtp_quit(smtp)
             # Bob has his own count.
             smtp = await submit_client(env)
             await smtp.login(BOB, BOB_PW)
             assert (await smtp.mail(BOB)).code == 250
-            await smtp.quit()
+            await smtp_quit(smtp)
 
     run(go())
 
@@ -475,7 +475,7 @@ def test_relay_out_is_dkim_signed_delivered_and_teaches_the_community(
             errors, reply = await smtp.sendmail(
                 ANN, ["Carol@Partner.Example"], msg(ANN, "carol@partner.example")
             )
-            await smtp.quit()
+            await smtp_quit(smtp)
             assert errors == {} and reply.startswith("2.0.0 Ok: queued as ")
             kept = await until("the sink to receive it", sink.messages)
             assert len(kept) == 1
@@ -501,7 +501,7 @@ def test_without_a_key_mail_still_goes_out_unsigned(tmp_path: Path) -> None:
             smtp = await submit_client(env)
             await smtp.login(BOB, BOB_PW)
             await smtp.sendmail(BOB, ["dave@partner.example"], msg(BOB, "dave@partner.example"))
-            await smtp.quit()
+            await smtp_quit(smtp)
             kept = await until("the sink to receive it", sink.messages)
             assert b"DKIM-Signature" not in _as_sent(kept[0])
             assert env.community(BOB) == {"dave@partner.example": "outbound"}
@@ -525,7 +525,7 @@ def test_a_local_recipient_is_delivered_locally_and_added(tmp_path: Path) -> Non
             with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as e:
                 await smtp.sendmail(ANN, ["nobody@example.test"], msg(ANN, "nobody@example.test"))
             assert e.value.recipients[0].code == 550
-            await smtp.quit()
+            await smtp_quit(smtp)
             mine = await until("bob's copy", lambda: env.maildir_messages(BOB))
             assert b"Shall we meet on Friday?" in mine[0]
             await until("the outside copy", sink.messages)
@@ -628,7 +628,7 @@ def test_a_virus_is_refused_and_teaches_nothing(tmp_path: Path) -> None:
             assert e.value.code == 554
             # The same mail, clean, goes: the refusal was the virus.
             await smtp.sendmail(ANN, ["henry@partner.example"], msg(ANN, "henry@partner.example"))
-            await smtp.quit()
+            await smtp_quit(smtp)
             kept = await until("the clean copy", sink.messages)
             assert len(kept) == 1 and EICAR not in kept[0]
             assert env.community(ANN) == {"henry@partner.example": "outbound"}
@@ -651,7 +651,7 @@ def test_size_limit_and_transaction_log_line(
                 await smtp.sendmail(ANN, [BOB], msg(ANN, BOB) + b"x" * 3000 + b"\r\n")
             assert (e.value.code, e.value.message[:5]) == (552, "5.3.4")
             await smtp.sendmail(ANN, [BOB], msg(ANN, BOB))
-            await smtp.quit()
+            await smtp_quit(smtp)
 
     run(go())
     lines = [r.getMessage() for r in caplog.records if r.name == "kithmail.smtp.transaction"]

@@ -176,6 +176,7 @@ def test_a_token_acts_as_its_admin_with_that_admins_scope_and_no_more(gw: Gatewa
 
 def test_tokens_of_others_are_not_listed_or_revoked(gw: Gateway) -> None:
     token_for(gw, "olga@other.test", "olga's script")
+    token_for(gw, "boss@example.test", "boss's script")
     boss = logged_in(gw, "boss@example.test")
     assert all(
         t["address"] == "boss@example.test" for t in boss.request("GET", f"{API}/tokens").json()
