@@ -225,3 +225,31 @@ def test_sighup_without_a_file_rereads_nothing_and_says_so(
         assert asyncio.run(reload_once(config.Settings, apply)) is False
     assert applied == []
     assert "nothing to re-read" in caplog.text
+
+
+def test_sighup_moves_the_public_pages_to_a_new_public_url(gw: Gateway) -> None:
+    """The confirmation pages take `public_url` from the settings in force:
+    after a reload that moves it behind https://confirm.example.test, a
+    form POSTed from that origin is judged on its token (here a made-up one:
+    the "link not valid" page), and one from the old origin is refused as
+    cross-site."""
+    import requests
+
+    old = f"http://127.0.0.1:{gw.public_port}"
+    new = "https://confirm.example.test"
+
+    def post(origin: str) -> requests.Response:
+        return requests.post(
+            f"{old}/sav/not-a-token",
+            data={"form": "x"},
+            headers={"Origin": origin},
+            timeout=10,
+        )
+
+    assert post(old).status_code != 403
+    assert post(new).status_code == 403
+    _edit(gw, f'public_url = "{old}"', f'public_url = "{new}/"')
+    _hup(gw)
+    gw.wait_for("the reload", lambda: _applied(gw))
+    assert post(new).status_code != 403
+    assert post(old).status_code == 403

@@ -248,8 +248,10 @@ def make_app(
     Without ``digest`` the digest links answer 404.
     """
     s = sav if sav is not None else Sav(db, settings, clock=clock)
-    allowed = _origin(settings.server.public_url)
-    base = settings.server.public_url.rstrip("/")
+
+    def base() -> str:
+        """`public_url` in force (a SIGHUP may change it: `Sav.settings` is swapped)."""
+        return s.settings.server.public_url.rstrip("/")
 
     def describe(data: TokenData) -> str:
         subject = clean_text(s.held_subject(data), MAX_SUBJECT) or "(subject not known)"
@@ -272,7 +274,7 @@ def make_app(
         body = (
             "<p>A message from you is held until you confirm that you sent it:</p>"
             f"{describe(got)}"
-            f'<form method="post" action="{html.escape(base)}/sav/{html.escape(token)}">'
+            f'<form method="post" action="{html.escape(base())}/sav/{html.escape(token)}">'
             f'<input type="hidden" name="form" value="{tag}">'
             '<button type="submit">Yes, I sent this message</button></form>'
             "<p>If you did not send it, just close this page: nothing happens.</p>"
@@ -280,6 +282,7 @@ def make_app(
         return _page("Please confirm your message", body)
 
     def cross_site(request: Request) -> bool:
+        allowed = _origin(base())
         if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
             return True
         origin = request.headers.get("origin")
@@ -389,7 +392,7 @@ def make_app(
         )
         body = (
             f"<p>This message is held in your quarantine:</p>{described}{extra}"
-            f'<form method="post" action="{e(base)}/digest/{e(token)}">'
+            f'<form method="post" action="{e(base())}/digest/{e(token)}">'
             f'<input type="hidden" name="form" value="{digest.page_tag(token)}">'
             f'<button type="submit">{e(button)}</button></form>'
             "<p>If you do not want this, just close this page: nothing happens.</p>"

@@ -392,7 +392,7 @@ class Quarantine:
         self.db = db
         self.spool = spool
         self.policies = policies
-        self._defaults = config.Settings() if policies is None else policies.settings
+        self._defaults = config.Settings()
         self._clock = clock
         self._locks = [threading.Lock() for _ in range(64)]
 
@@ -409,6 +409,7 @@ class Quarantine:
             p = self.policies.for_domain(address.rpartition("@")[2].lower())
             if p is not None:
                 return p.settings
+            return self.policies.settings  # the settings in force, reloaded by SIGHUP
         return self._defaults
 
     def _tenant(self, msg: SpooledMessage, address: str) -> str:
