@@ -39,6 +39,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ports import free_port
+
 CLAMD = "/usr/sbin/clamd"
 START_TIMEOUT = 10.0
 
@@ -59,9 +61,7 @@ MAX_RECURSION = 6
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def _daily_cud(created: int) -> bytes:

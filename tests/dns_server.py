@@ -29,6 +29,7 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
+from ports import free_port
 
 DNSMASQ = "/usr/sbin/dnsmasq"
 START_TIMEOUT = 5.0
@@ -38,19 +39,7 @@ _QUERY = re.compile(r"dnsmasq\[(\d+)\]: query\[(\w+)\] (\S+) from ")
 
 def _free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq binds both)."""
-    for _ in range(50):
-        with (
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
-        ):
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(port)
-    raise RuntimeError("no free port on 127.0.0.1 for both UDP and TCP")
+    return free_port(udp=True)
 
 
 def _txt_string(s: str) -> str:

@@ -31,17 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ports import free_port
+
 from kithmail.db import Database
 
 KITH = Path(sys.executable).parent / "kith"
 START_TIMEOUT = 20.0
 DOMAIN = "example.test"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _toml_value(v: Any) -> str:

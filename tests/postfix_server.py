@@ -45,6 +45,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ports import free_port
+
 POSTFIX = "/usr/sbin/postfix"
 MASTER = "/usr/lib/postfix/sbin/master"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -55,13 +57,6 @@ STOP_TIMEOUT = 5.0
 
 # The domain Postfix relays to the sink.
 DOMAIN = "example.test"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(path: Path, n: int = 30) -> str:

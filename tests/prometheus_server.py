@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -38,9 +38,7 @@ PROMTOOL = "/usr/bin/promtool"
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:

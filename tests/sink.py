@@ -16,6 +16,7 @@ dir: smtp-sink drops to the postfix user, and pytest's tmp_path is 0700.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -41,8 +42,25 @@ class Sink:
         return f"smtp://127.0.0.1:{self.port}"
 
     def messages(self) -> list[bytes]:
-        """Every message received so far, smtp-sink's X- records included."""
-        return [p.read_bytes() for p in sorted(self.dir.iterdir()) if p.is_file()]
+        """Every message received whole so far, smtp-sink's X- records included.
+
+        smtp-sink creates a message's file at MAIL and writes it as the data
+        arrives, closing it at the final dot (before its 250); a file it
+        still holds open is a transaction in progress, not a message yet.
+        """
+        files = sorted(p for p in self.dir.iterdir() if p.is_file())
+        busy = self._open_files()
+        return [p.read_bytes() for p in files if p not in busy]
+
+    def _open_files(self) -> set[Path]:
+        """The files the sink process holds open now (/proc/PID/fd; we are root)."""
+        out: set[Path] = set()
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        with contextlib.suppress(FileNotFoundError):  # the sink has exited: nothing is open
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    out.add(Path(os.readlink(fd)))
+        return out
 
     def log(self) -> str:
         return (self.root / "sink.log").read_text(errors="replace")

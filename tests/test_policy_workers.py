@@ -12,15 +12,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ports import free_port
+
 import kithmail
 
 KITH = Path(sys.executable).parent / "kith"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ask(port: int, client: str) -> str:
