@@ -193,6 +193,13 @@ class Reputation:
     def lookup_many(self, ips: Sequence[_IpLike]) -> list[RepMatch | None]: ...
     def record(self, ip: _IpLike, event: str, now: int, n: int = 1) -> None: ...
     def counters(self, ip: _IpLike) -> dict[str, tuple[int, int]]: ...
+    def sweep(self, now: int, older_than: int, limit: int = 10000) -> SweepResult:
+        """Forget counters whose last event is more than ``older_than`` s before ``now``.
+
+        Scans at most ``limit`` counters from where the previous call
+        stopped, in one write transaction; a counter with events still in
+        the group-commit buffer is kept.
+        """
 
 @final
 class Membership:
@@ -234,6 +241,8 @@ class Community:
         now: int = 0,
     ) -> int: ...
     def remove(self, user: str, entry: str) -> bool: ...
+    def clear(self, user: str) -> int:
+        """Remove every entry of ``user`` (a user who leaves), in one transaction."""
     def list(self, user: str) -> list[CommunityEntry]: ...
     def member(
         self, user: str, sender: str, list_id: str | None = None, org: str | None = None

@@ -538,6 +538,27 @@ impl Reputation {
         }
         Ok(d)
     }
+
+    /// Forget counters whose last event is more than `older_than` seconds
+    /// before `now`, scanning at most `limit` from where the last call
+    /// stopped; GIL released.
+    #[pyo3(signature = (now, older_than, limit = 10000))]
+    fn sweep(
+        &self,
+        py: Python<'_>,
+        now: u64,
+        older_than: u64,
+        limit: u64,
+    ) -> PyResult<SweepResult> {
+        let r = py
+            .detach(|| self.s.rep_sweep(now, older_than, limit))
+            .py()?;
+        Ok(SweepResult {
+            scanned: r.scanned,
+            removed: r.removed,
+            wrapped: r.wrapped,
+        })
+    }
 }
 
 // ---------------------------------------------------------------- Community
@@ -661,6 +682,11 @@ impl Community {
 
     fn remove(&self, py: Python<'_>, user: &str, entry: &str) -> PyResult<bool> {
         py.detach(|| self.s.community_remove(user, entry)).py()
+    }
+
+    /// Remove every entry of `user` in one transaction; the number removed.
+    fn clear(&self, py: Python<'_>, user: &str) -> PyResult<u64> {
+        py.detach(|| self.s.community_clear(user)).py()
     }
 
     fn list(&self, user: &str) -> PyResult<Vec<CommunityEntry>> {

@@ -9,6 +9,7 @@ use crate::error::{shown, Result, StoreError};
 use crate::store::{be_u64, Core};
 use heed::RoTxn;
 use std::borrow::Cow;
+use std::ops::Bound;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -398,6 +399,24 @@ impl Core {
         })
     }
 
+    /// Remove every entry of `user` in one transaction (a user who leaves);
+    /// the number removed. Another user whose name starts the same is
+    /// untouched: the key's NUL ends the user.
+    pub fn community_clear(&self, user: &str) -> Result<u64> {
+        let mut lo = normalize_user(user)?.into_bytes();
+        lo.push(0);
+        let mut hi = lo.clone();
+        if let Some(last) = hi.last_mut() {
+            *last = 1;
+        }
+        let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
+        let err = self.lmdb_err("cannot write the community");
+        self.write(|txn| {
+            let n = self.community.delete_range(txn, &range).map_err(&err)?;
+            Ok(n as u64)
+        })
+    }
+
     pub fn community_list(&self, user: &str) -> Result<Vec<Entry>> {
         let mut p = normalize_user(user)?.into_bytes();
         p.push(0);
@@ -430,6 +449,49 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clear_removes_one_users_entries_and_no_one_elses() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Storage(e.to_string()))?;
+        let s = crate::Store::open(&dir.path().join("core"), &Default::default())?;
+        let ann = [
+            "bob@remote.example",
+            "@lists.example",
+            "list:news.example.org",
+        ];
+        s.community_add_many("Ann@Example.test", &ann, Kind::Allow, Source::Manual, 1)?;
+        s.community_add(
+            "ann@example.test",
+            "spam@bad.example",
+            Kind::Block,
+            Source::Manual,
+            1,
+        )?;
+        // A user whose address begins with ann's, and one just after it.
+        s.community_add(
+            "ann@example.testing",
+            "bob@remote.example",
+            Kind::Allow,
+            Source::Manual,
+            1,
+        )?;
+        s.community_add(
+            "ann@example.tesu",
+            "bob@remote.example",
+            Kind::Allow,
+            Source::Manual,
+            1,
+        )?;
+        s.community_add("*@acme", "@partner.example", Kind::Allow, Source::Admin, 1)?;
+        assert_eq!(s.community_clear("ANN@example.test")?, 4);
+        assert_eq!(s.community_list("ann@example.test")?, vec![]);
+        assert_eq!(s.community_count("ann@example.testing")?, 1);
+        assert_eq!(s.community_count("ann@example.tesu")?, 1);
+        assert_eq!(s.community_count("*@acme")?, 1);
+        assert_eq!(s.community_clear("ann@example.test")?, 0);
+        assert!(s.community_clear("not a user\0").is_err());
+        Ok(())
+    }
 
     #[test]
     fn folding() -> Result<()> {

@@ -12,6 +12,7 @@
 
 use crate::addr::{self, Prefix};
 use crate::error::{shown, Result, StoreError};
+use crate::recon::Sweep;
 use crate::store::{be_u128, be_u32, be_u64, plock, Core};
 use heed::{PutFlags, RoTxn, RwTxn};
 use std::collections::HashMap;
@@ -545,6 +546,77 @@ impl Core {
     }
 }
 
+/// Where the next `rep_sweep` begins, in `meta`: the sweep runs in one
+/// process at a time (the server's sweeper), and a restart carries on
+/// rather than rescanning from the start.
+const SWEEP_CURSOR: &[u8] = b"rep_sweep_cursor";
+
+impl Core {
+    /// Forget event counters whose last event is more than `older_than`
+    /// seconds before `now`, scanning at most `limit` counters from where the
+    /// previous call stopped, in one write transaction. A counter with events
+    /// still in the group-commit buffer is kept: its last event is recent,
+    /// and deleting the stored part would let the commit restart its count.
+    pub fn rep_sweep(&self, now: u64, older_than: u64, limit: u64) -> Result<Sweep> {
+        let err = self.lmdb_err("reputation counters sweep");
+        let mut res = Sweep::default();
+        self.write(|txn| {
+            let from = self
+                .meta
+                .get(txn, SWEEP_CURSOR)
+                .map_err(&err)?
+                .map(<[u8]>::to_vec);
+            let mut doomed = Vec::new();
+            let mut last = None;
+            {
+                let lower = match &from {
+                    Some(k) => Bound::Excluded(k.as_slice()),
+                    None => Bound::Unbounded,
+                };
+                let range = (lower, Bound::Unbounded);
+                for kv in self.rep_events.range(txn, &range).map_err(&err)? {
+                    if res.scanned >= limit {
+                        break;
+                    }
+                    let (k, v) = kv.map_err(&err)?;
+                    res.scanned += 1;
+                    if now.saturating_sub(be_u64(v, 8)) > older_than {
+                        doomed.push(k.to_vec());
+                    }
+                    last = Some(k.to_vec());
+                }
+            }
+            res.wrapped = res.scanned < limit;
+            {
+                // The writer's lock is held: no batch is being committed, and
+                // one buffered after this look is merged after our commit,
+                // as a count that starts afresh.
+                let b = plock(&self.buf);
+                let buffered = |k: &Vec<u8>| {
+                    b.cur.events.contains_key(k)
+                        || b.inflight
+                            .as_ref()
+                            .is_some_and(|f| f.events.contains_key(k))
+                };
+                doomed.retain(|k| !buffered(k));
+            }
+            for k in &doomed {
+                if self.rep_events.delete(txn, k).map_err(&err)? {
+                    res.removed += 1;
+                }
+            }
+            match last.filter(|_| !res.wrapped) {
+                Some(k) => self.meta.put(txn, SWEEP_CURSOR, &k).map_err(&err)?,
+                None => {
+                    self.meta.delete(txn, SWEEP_CURSOR).map_err(&err)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(res)
+    }
+}
+
 pub(crate) fn apply_events(
     core: &Core,
     txn: &mut RwTxn,
@@ -644,6 +716,101 @@ mod tests {
                 assert_eq!(lookup_flat(&ivs, a), lpm_ref(&ps, a), "{a:x}");
             }
         }
+        Ok(())
+    }
+
+    fn open(window: std::time::Duration) -> Result<(tempfile::TempDir, Arc<crate::Store>)> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Storage(e.to_string()))?;
+        let opts = crate::Options {
+            commit_window: window,
+            ..Default::default()
+        };
+        let s = crate::Store::open(&dir.path().join("core"), &opts)?;
+        Ok((dir, s))
+    }
+
+    fn count(s: &Core, ip: &str, event: &str) -> Result<Option<(u64, u64)>> {
+        let got = s.rep_counters(addr::parse_ip(ip)?)?;
+        Ok(got
+            .into_iter()
+            .find(|(e, _, _)| e == event)
+            .map(|(_, a, n)| (a, n)))
+    }
+
+    const DAY: u64 = 86_400;
+    const TTL: u64 = 30 * DAY;
+
+    #[test]
+    fn a_sweep_forgets_counters_whose_last_event_is_older_than_the_ttl() -> Result<()> {
+        let (_dir, s) = open(std::time::Duration::ZERO)?;
+        let t0 = 1_000_000;
+        let ip = |a: &str| addr::parse_ip(a);
+        s.rep_record(ip("192.0.2.7")?, "unknown_recipient", t0, 3)?;
+        // Same /24: the network counter's last event is the later one.
+        s.rep_record(ip("192.0.2.8")?, "unknown_recipient", t0 + 10 * DAY, 1)?;
+        s.rep_record(ip("198.51.100.9")?, "spam", t0 + TTL, 2)?;
+        s.rep_record(ip("2001:db8::1")?, "never_retried", t0, 1)?;
+        let now = t0 + TTL + 1;
+        let r = s.rep_sweep(now, TTL, 10_000)?;
+        // 192.0.2.7's own counter and both of 2001:db8::1's are over the TTL.
+        assert_eq!((r.scanned, r.removed, r.wrapped), (7, 3, true));
+        assert_eq!(count(&s, "192.0.2.7", "unknown_recipient")?, Some((0, 4)));
+        assert_eq!(count(&s, "192.0.2.8", "unknown_recipient")?, Some((1, 4)));
+        assert_eq!(count(&s, "198.51.100.9", "spam")?, Some((2, 2)));
+        assert_eq!(count(&s, "2001:db8::1", "never_retried")?, None);
+        // Exactly the TTL old is kept; one second more is not.
+        let r = s.rep_sweep(t0 + 10 * DAY + TTL, TTL, 10_000)?;
+        assert_eq!(r.removed, 0);
+        let r = s.rep_sweep(t0 + 10 * DAY + TTL + 1, TTL, 10_000)?;
+        assert_eq!(r.removed, 2);
+        assert_eq!(count(&s, "192.0.2.8", "unknown_recipient")?, None);
+        assert_eq!(count(&s, "198.51.100.9", "spam")?, Some((2, 2)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_sweep_is_bounded_and_carries_on_where_it_stopped() -> Result<()> {
+        let (_dir, s) = open(std::time::Duration::ZERO)?;
+        for i in 0..50u128 {
+            // 50 addresses in 50 /24s: 100 counters.
+            let a = addr::V4_BASE | (10 << 24) | (i << 8) | 1;
+            s.rep_record(a, "spam", 1000, 1)?;
+        }
+        let now = 1000 + TTL + 1;
+        let mut calls = 0;
+        let mut removed = 0;
+        loop {
+            let r = s.rep_sweep(now, TTL, 30)?;
+            assert!(r.scanned <= 30, "{r:?}");
+            calls += 1;
+            removed += r.removed;
+            if r.wrapped {
+                break;
+            }
+            assert!(calls < 10, "the sweep never wrapped");
+        }
+        assert_eq!((calls, removed), (4, 100));
+        let r = s.rep_sweep(now, TTL, 30)?;
+        assert_eq!((r.scanned, r.removed, r.wrapped), (0, 0, true));
+        Ok(())
+    }
+
+    #[test]
+    fn a_counter_with_events_in_the_buffer_is_not_swept() -> Result<()> {
+        // A window no test outlasts: what is recorded stays buffered until
+        // `flush`.
+        let (_dir, s) = open(std::time::Duration::from_secs(3600))?;
+        let a = addr::parse_ip("203.0.113.5")?;
+        s.rep_record(a, "spam", 1000, 5)?;
+        s.flush()?;
+        let now = 1000 + TTL + 1;
+        s.rep_record(a, "spam", now, 1)?;
+        let r = s.rep_sweep(now, TTL, 10_000)?;
+        assert_eq!((r.scanned, r.removed), (2, 0));
+        s.flush()?;
+        assert_eq!(count(&s, "203.0.113.5", "spam")?, Some((6, 6)));
+        // Once committed, the last event is recent: still kept.
+        assert_eq!(s.rep_sweep(now, TTL, 10_000)?.removed, 0);
         Ok(())
     }
 
