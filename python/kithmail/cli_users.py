@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from kithmail import config, db
+from kithmail import Core, CoreError, config, db
 from kithmail.cli import CommandError, iso, table
 from kithmail.cli_quarantine import actor
 
@@ -138,10 +138,46 @@ def cmd_user_list(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def clear_community(settings: config.Settings, address: str) -> int:
+    """Remove every community entry of `address` from the core; their number.
+
+    With no core yet there are no entries, and none is created here (a new
+    core takes its prefix lengths from the server's config, not from us).
+    """
+    path = settings.core_dir
+    if not (path / "data.mdb").exists():
+        return 0
+    try:
+        # Prefix lengths as stored: removing a user never fails over them.
+        core = Core(
+            str(path), map_size=settings.server.core_map_size, ipv4_prefix=None, ipv6_prefix=None
+        )
+    except CoreError as e:
+        raise CommandError(f"opening the core {path}: {e}") from None
+    try:
+        return core.community.clear(address)
+    except CoreError as e:
+        raise CommandError(f"removing the community of {address}: {e}") from None
+    finally:
+        core.close()
+
+
 def cmd_user_remove(args: argparse.Namespace, settings: config.Settings) -> int:
+    # The community goes first: should the core fail, the account is still
+    # there and the same command can be run again.
     with open_db(settings) as database:
-        database.remove_user(args.address)
-    print(f"removed user {args.address}")
+        user = database.user(args.address)
+        cleared = clear_community(settings, user.address)
+        database.remove_user(user.address)
+        database.audit(
+            actor(),
+            "user.remove",
+            tenant=user.tenant,
+            target=user.address,
+            detail=f"{cleared} community entries removed",
+        )
+    print(f"removed user {user.address}")
+    _note(f"and {cleared} community entries (held copies expire by quarantine_days)")
     return 0
 
 

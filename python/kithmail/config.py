@@ -365,6 +365,12 @@ class Reputation(_Section):
     local_lists: list[LocalList] = []
     learned_action: Action = "defer"
     learned_threshold: int = Field(20, ge=1)
+    learned_ttl: Duration = Field(
+        30 * 86400.0,
+        gt=0,
+        description="A source's learned counters are forgotten this long after its last "
+        "counted event (one for all tenants: the counters are shared)",
+    )
 
 
 class Spf(_Section):
@@ -542,6 +548,12 @@ class Web(_Section):
         10, ge=1, description="Failed logins for one account per window before 429"
     )
     max_upload: Size = Field(1024**2, description="Largest community CSV import accepted (bytes)")
+    audit_retention: Duration = Field(
+        365 * 86400.0,
+        gt=0,
+        description="Audit log rows (who released, deleted, allowed or blocked what) are "
+        "deleted this long after the action",
+    )
 
 
 class Settings(_Section):

@@ -656,6 +656,22 @@ class Database:
                 (int(self._clock()), actor, tenant, action, target, detail),
             )
 
+    def expire_audit(
+        self, older_than: float, *, now: float | None = None, limit: int = 10000
+    ) -> int:
+        """Delete up to `limit` audit rows more than `older_than` seconds before `now`.
+
+        Oldest first; the number deleted. `limit` bounds one write
+        transaction, so a caller that gets `limit` back calls again.
+        """
+        cutoff = int((self._clock() if now is None else now) - older_than)
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM audit_log WHERE id IN"
+                " (SELECT id FROM audit_log WHERE at < ? ORDER BY at LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
+
     def _setup(self) -> None:
         conn = self._conn()
         with self._errors():

@@ -590,7 +590,17 @@ async def _run_gateway(
             log.info("web UI, API and /metrics on %s://%s (pid %d)", scheme, spec, os.getpid())
     if queue is not None:
         await queue.start()
-        sweeper = asyncio.create_task(_sweep_quarantine(quarantine, sav, core.recon, clock))
+        sweeper = asyncio.create_task(
+            _sweep_quarantine(
+                quarantine,
+                sav,
+                core.recon,
+                clock,
+                reputation=core.reputation,
+                database=database,
+                settings=lambda: policies.settings,
+            )
+        )
         from kithmail.digest import Digest, run_scheduler
 
         digest = Digest(database, quarantine, settings, core=core, clock=clock, signer=sav.signer)
@@ -699,22 +709,47 @@ async def _sweep_quarantine(
     recon: Any = None,
     clock: Callable[[], float] = time.time,
     every: float = 60.0,
+    *,
+    reputation: Any = None,
+    database: Any = None,
+    settings: Callable[[], config.Settings] | None = None,
 ) -> None:
-    """Retention: expired held copies, challenges and Recon rows go, a bounded batch at a time.
+    """Retention: expired held copies, challenges, Recon rows, learned counters and
+    audit rows go, a bounded batch at a time.
 
     Recon rows (masked source addresses) are kept while their pass is valid
     (`pass_ttl` after the last accepted mail) or, never retried, for
-    `retry_window` (docs/retention.md).
+    `retry_window`; a source's learned reputation counters for
+    `[reputation] learned_ttl` after its last counted event; audit rows for
+    `[web] audit_retention` (docs/retention.md). The TTLs are read from the
+    settings in force at each pass, so a reload changes them.
     """
+    limit = 10000
     while True:
         try:
             await asyncio.to_thread(sav.sweep)
             if recon is not None:
-                await asyncio.to_thread(recon.sweep, int(clock()), 10000)
+                await asyncio.to_thread(recon.sweep, int(clock()), limit)
+            audit_more = False
+            if settings is not None:
+                current = settings()
+                if reputation is not None:
+                    ttl = int(current.reputation.learned_ttl)
+                    learned = await asyncio.to_thread(reputation.sweep, int(clock()), ttl, limit)
+                    if learned.removed:
+                        log.info("reputation sweep: %d stale counters forgotten", learned.removed)
+                if database is not None:
+                    keep = current.web.audit_retention
+                    gone = await asyncio.to_thread(
+                        database.expire_audit, keep, now=clock(), limit=limit
+                    )
+                    if gone:
+                        log.info("audit sweep: %d rows deleted (past [web] audit_retention)", gone)
+                    audit_more = gone >= limit
             swept = await quarantine.sweep()
             if swept.deleted:
                 log.info("quarantine sweep: %d expired copies deleted", swept.deleted)
-            await asyncio.sleep(1.0 if swept.more else every)
+            await asyncio.sleep(1.0 if swept.more or audit_more else every)
         except asyncio.CancelledError:
             raise
         except Exception:
