@@ -6,7 +6,8 @@ add|list|domain`` open the control-plane database
 known to it (``[domains] local``; a new one joins the tenant ``default``),
 do one job and close. SQLite serialises writers between processes, so these
 commands are safe while the server runs; a change reaches it within about a
-second.
+second. ``kith user remove`` also opens the core, to remove the user's
+community entries with the account (docs/retention.md).
 
 Trusts its operator, not their typing: every address must be a plain
 ``local@domain`` of a local domain (no quoted local parts, ``%``, ``!``,
