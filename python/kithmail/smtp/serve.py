@@ -728,9 +728,13 @@ async def _sweep_quarantine(
     while True:
         try:
             await asyncio.to_thread(sav.sweep)
+            # A batch that was full and did not come round the table means more rows
+            # than one pass scans a minute (a flood of new sources): come back at once
+            # rather than fall behind.
+            more_now = False
             if recon is not None:
-                await asyncio.to_thread(recon.sweep, int(clock()), limit)
-            audit_more = False
+                rows = await asyncio.to_thread(recon.sweep, int(clock()), limit)
+                more_now = rows.scanned >= limit and not rows.wrapped
             if settings is not None:
                 current = settings()
                 if reputation is not None:
@@ -738,6 +742,7 @@ async def _sweep_quarantine(
                     learned = await asyncio.to_thread(reputation.sweep, int(clock()), ttl, limit)
                     if learned.removed:
                         log.info("reputation sweep: %d stale counters forgotten", learned.removed)
+                    more_now = more_now or (learned.scanned >= limit and not learned.wrapped)
                 if database is not None:
                     keep = current.web.audit_retention
                     gone = await asyncio.to_thread(
@@ -745,11 +750,11 @@ async def _sweep_quarantine(
                     )
                     if gone:
                         log.info("audit sweep: %d rows deleted (past [web] audit_retention)", gone)
-                    audit_more = gone >= limit
+                    more_now = more_now or gone >= limit
             swept = await quarantine.sweep()
             if swept.deleted:
                 log.info("quarantine sweep: %d expired copies deleted", swept.deleted)
-            await asyncio.sleep(1.0 if swept.more or audit_more else every)
+            await asyncio.sleep(1.0 if swept.more or more_now else every)
         except asyncio.CancelledError:
             raise
         except Exception:
