@@ -20,6 +20,7 @@ from typing import Any
 
 from kithmail import config
 from kithmail.dns import Resolver
+from kithmail.heap import release_periodically
 from kithmail.layers.reputation import Reputation
 from kithmail.metrics import Metrics, multiprocess_dir, serve_metrics
 from kithmail.runtime import open_core, setup_logging
@@ -410,6 +411,8 @@ async def _run_gateway(
     quarantine = Quarantine(database, spool, policies=policies, clock=clock)
     stats = Stats(clock, lambda d: p.tenant if (p := policies.for_domain(d)) else None)
     flusher = asyncio.create_task(_flush_stats(stats, database))
+    # Free C heap memory back to the system (`kithmail.heap`: glibc keeps it otherwise).
+    trimmer = asyncio.create_task(release_periodically())
     sav = Sav(database, settings, clock=clock)
     sav.settings_for = lambda tenant: policies.for_tenant(tenant).settings
 
@@ -663,6 +666,7 @@ async def _run_gateway(
                 await task
     if queue is not None:
         await queue.stop(10)
+    trimmer.cancel()
     flusher.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await flusher
