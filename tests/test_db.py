@@ -509,6 +509,55 @@ def test_ensure_admin_in_processes_starting_at_once(tmp_path: Path, db_path: Pat
         assert d.verify_password("admin@example.test", created[0][1]) is not None
 
 
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from kithmail.db import Database
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.0005)
+with Database.open(Path(sys.argv[1])) as d:
+    d.sync_domains(["example.test"])
+"""
+
+
+def test_workers_opening_a_new_database_at_the_same_moment_all_start(tmp_path: Path) -> None:
+    """A first start with several workers: each opens the new database at once.
+
+    Only one of them can switch it to WAL; SQLite tells the others "busy"
+    at once (no busy handler runs), and before they tried again a worker
+    could fail to start with "still locked" although nobody held a lock
+    for long. Several rounds of six, since a round may not collide.
+    """
+    import subprocess
+    import sys
+
+    for round_ in range(16):
+        where = tmp_path / str(round_)
+        where.mkdir()
+        go = where / "go"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_AT_ONCE, str(where / "kithmail.db"), str(go)],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
+        try:
+            time.sleep(0.3)  # let them all reach the barrier (not a result: a head start)
+            go.touch()
+            errors = [p.communicate(timeout=60)[1] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+        assert [p.returncode for p in procs] == [0] * 6, [e for e in errors if e]
+        with Database.open(where / "kithmail.db") as d:
+            assert d.schema_version == len(db.MIGRATIONS)
+
+
 # --- threads ---------------------------------------------------------------------------------
 
 

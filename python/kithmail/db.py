@@ -675,7 +675,7 @@ class Database:
     def _setup(self) -> None:
         conn = self._conn()
         with self._errors():
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._journal_mode_wal(conn)
             if mode != "wal":
                 raise DatabaseError(
                     f"{self.path}: cannot use WAL mode here (got {mode!r}); "
@@ -690,6 +690,29 @@ class Database:
                     migration(conn)
                 # PRAGMA user_version is part of the transaction.
                 conn.execute(f"PRAGMA user_version = {max(version, known)}")
+
+    def _journal_mode_wal(self, conn: sqlite3.Connection) -> str:
+        """Switch to WAL and read the schema version once; the journal mode in force.
+
+        Processes that open a new database at the same moment (the workers
+        of a first start) race to switch it to WAL, which needs the file
+        to themselves; SQLite answers the loser SQLITE_BUSY at once, without
+        its busy handler, since waiting could deadlock. So the switch is
+        tried again until it is made or `BUSY_TIMEOUT_S` has passed.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        pause = 0.005
+        while True:
+            try:
+                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+                self._version(conn)  # the first read may meet a WAL recovery: BUSY too
+                return mode
+            except sqlite3.OperationalError as e:
+                busy = "locked" in str(e) or "busy" in str(e)
+                if not busy or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _version(self, conn: sqlite3.Connection) -> int:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
