@@ -482,6 +482,21 @@ def test_a_digest_that_cannot_be_spooled_is_sent_at_the_next_pass(tmp_path: Path
         assert d.pass_sync(spool, notified.append, now=now + 60) == []
 
 
+def test_two_passes_that_find_the_same_user_due_send_one_digest(tmp_path: Path) -> None:
+    """The server's daily pass and a `kith digest send` in another process may both
+    find Ann due; whichever spools second sends nothing."""
+    with in_process(tmp_path, ["held once"]) as (d, _database, spool, _uid):
+        now = 2_000_000.0
+        [mine], [theirs] = d.due_sync(now=now), d.due_sync(now=now)  # both read first
+        before = set(spool.queue_ids_sync())
+        sent = d.send_sync(mine, spool, now=now)
+        assert sent is not None and set(spool.queue_ids_sync()) - before == {sent}
+        assert d.send_sync(theirs, spool, now=now) is None
+        assert set(spool.queue_ids_sync()) - before == {sent}
+        # Later mail is listed by the next pass as before.
+        assert d.due_sync(now=now + 60) == []
+
+
 def test_with_digests_off_no_digest_is_sent(tmp_path: Path) -> None:
     sections = {**SECTIONS, "digest": {"enabled": False}}
     with running_gateway(tmp_path / "gw", sections=sections) as gw:

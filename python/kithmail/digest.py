@@ -733,17 +733,30 @@ class Digest:
                 tenant=due.tenant,
                 mail_options=(),  # 7-bit: QP parts, ASCII headers
             )
-            queue_id = spool.accept_sync(envelope, data)
+            # One pass at a time per user: the server's daily pass and a
+            # `kith digest send` in another process may find the same user
+            # due. Under the database's write lock, a digest is spooled only
+            # if no other pass moved `digest_last` since this one read it; a
+            # crash before the commit leaves it unmoved (sent again, never
+            # skipped).
+            with self.db.write() as conn:
+                row = conn.execute(
+                    "SELECT coalesce(max(digest_last), 0) FROM user_prefs WHERE user_id = ?",
+                    (due.user_id,),
+                ).fetchone()
+                if int(row[0]) != due.since:
+                    log.info("digest for %s skipped: another pass sent it", due.user)
+                    return None
+                queue_id = spool.accept_sync(envelope, data)
+                conn.execute(
+                    "INSERT INTO user_prefs (user_id, digest_last) VALUES (?, ?)"
+                    " ON CONFLICT (user_id) DO UPDATE"
+                    " SET digest_last = max(digest_last, excluded.digest_last)",
+                    (due.user_id, due.cutoff),
+                )
         except Exception:
             _counts()[1].inc()
             raise
-        with self.db.write() as conn:
-            conn.execute(
-                "INSERT INTO user_prefs (user_id, digest_last) VALUES (?, ?)"
-                " ON CONFLICT (user_id) DO UPDATE"
-                " SET digest_last = max(digest_last, excluded.digest_last)",
-                (due.user_id, due.cutoff),
-            )
         _counts()[0].inc()
         log.info("digest %s to %s: %d listed, %d more", queue_id, due.user, len(due.held), due.more)
         return queue_id
