@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 from gateway import Gateway, make_gateway, message, run, running_gateway, send
+from prometheus_client.parser import text_string_to_metric_families
 
 from kithmail.db import Database
 
@@ -37,6 +39,20 @@ def _rcpt(gw: Gateway, ip: str, subject: str) -> tuple[int, str]:
     return replies[2].code, replies[2].status
 
 
+def _deleted(gw: Gateway, kind: str) -> float:
+    """`kithmail_retention_deleted_total{kind=...}` from the server's /metrics."""
+    url = f"http://127.0.0.1:{gw.web_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kithmail_retention_deleted_total" and sample.labels == {
+                "kind": kind
+            }:
+                return float(sample.value)
+    raise AssertionError(f"no kithmail_retention_deleted_total{{kind={kind!r}}} in /metrics")
+
+
 def _restart_and_wait_for(gw: Gateway, line: str) -> None:
     """Restart, then wait for the start's sweep to log `line`."""
     gw.restart()
@@ -56,6 +72,8 @@ def test_a_learned_deferral_is_forgotten_after_learned_ttl(tmp_path: Path) -> No
         # `old`'s last counted event is now 7 days and a minute old; `young`'s 2 days.
         gw.advance(2 * DAY + 60)
         _restart_and_wait_for(gw, "reputation sweep:")
+        # `old`'s address counter: the network's is younger (`young` is in its /24).
+        assert _deleted(gw, "learned") == 1
         assert _rcpt(gw, old, "after the ttl") == (250, "2.1.5")
         got = gw.wait_for("the delivery", lambda: gw.messages("ann@example.test"))
         assert [m for m in got if b"Subject: after the ttl" in m]
@@ -83,6 +101,7 @@ def test_audit_rows_go_after_audit_retention(tmp_path: Path) -> None:
         finally:
             d.close()
         assert rows == [("young@example.test",)]
+        assert _deleted(gw, "audit") == 1
     finally:
         try:
             gw.stop()

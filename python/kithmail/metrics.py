@@ -51,6 +51,7 @@ __all__ = [
     "multiprocess_dir",
     "quarantine_expired",
     "render",
+    "retention_deleted",
     "sav_challenge",
     "sav_suppressed",
     "serve_metrics",
@@ -291,6 +292,32 @@ def quarantine_expired(copies: int, *, registry: CollectorRegistry = REGISTRY) -
     c.inc(copies)
 
 
+RETENTION_KINDS = ("recon", "learned", "audit")
+
+
+def _retention(registry: CollectorRegistry) -> Counter:
+    def make() -> Counter:
+        c = Counter(
+            "kithmail_retention_deleted",
+            "Rows deleted by the periodic retention sweep, by kind: recon (masked source "
+            "addresses past retry_window or pass_ttl), learned (reputation counters past "
+            "learned_ttl), audit (audit log rows past audit_retention).",
+            ["kind"],
+            registry=registry,
+        )
+        for k in RETENTION_KINDS:
+            c.labels(k)
+        return c
+
+    return _lazy(registry, "retention_deleted", make)
+
+
+def retention_deleted(kind: str, rows: int, *, registry: CollectorRegistry = REGISTRY) -> None:
+    """Count `rows` deleted by retention (`kind` one of RETENTION_KINDS, else "other")."""
+    if rows:
+        _retention(registry).labels(kind if kind in RETENTION_KINDS else "other").inc(rows)
+
+
 def _sav_challenges(registry: CollectorRegistry) -> Counter:
     def make() -> Counter:
         c = Counter(
@@ -348,6 +375,7 @@ def declare(registry: CollectorRegistry = REGISTRY) -> None:
     _sav_challenges(registry)
     _sav_suppressed(registry)
     quarantine_expired(0, registry=registry)
+    _retention(registry)
 
 
 # ---------------------------------------------------------------- state read at scrape time

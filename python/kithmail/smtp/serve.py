@@ -22,7 +22,7 @@ from kithmail import config
 from kithmail.dns import Resolver
 from kithmail.heap import release_periodically
 from kithmail.layers.reputation import Reputation
-from kithmail.metrics import Metrics, multiprocess_dir, serve_metrics
+from kithmail.metrics import Metrics, multiprocess_dir, retention_deleted, serve_metrics
 from kithmail.runtime import open_core, setup_logging
 from kithmail.smtp.policy import PolicyService
 from kithmail.spf import SpfChecker
@@ -738,12 +738,14 @@ async def _sweep_quarantine(
             more_now = False
             if recon is not None:
                 rows = await asyncio.to_thread(recon.sweep, int(clock()), limit)
+                retention_deleted("recon", rows.removed)
                 more_now = rows.scanned >= limit and not rows.wrapped
             if settings is not None:
                 current = settings()
                 if reputation is not None:
                     ttl = int(current.reputation.learned_ttl)
                     learned = await asyncio.to_thread(reputation.sweep, int(clock()), ttl, limit)
+                    retention_deleted("learned", learned.removed)
                     if learned.removed:
                         log.info("reputation sweep: %d stale counters forgotten", learned.removed)
                     more_now = more_now or (learned.scanned >= limit and not learned.wrapped)
@@ -752,6 +754,7 @@ async def _sweep_quarantine(
                     gone = await asyncio.to_thread(
                         database.expire_audit, keep, now=clock(), limit=limit
                     )
+                    retention_deleted("audit", gone)
                     if gone:
                         log.info("audit sweep: %d rows deleted (past [web] audit_retention)", gone)
                     more_now = more_now or gone >= limit
