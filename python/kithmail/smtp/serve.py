@@ -20,6 +20,7 @@ from typing import Any
 
 from kithmail import config
 from kithmail.dns import Resolver
+from kithmail.handoff import Handoff
 from kithmail.heap import release_periodically
 from kithmail.layers.reputation import Reputation
 from kithmail.metrics import Metrics, multiprocess_dir, retention_deleted, serve_metrics
@@ -256,8 +257,12 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
     if n <= 1:
         return _gateway_worker(settings, context, clock, index=0, reuse_port=False)
     multiprocess_dir(data_dir)
+    handoff = Handoff()  # the other workers' accepted mail to worker 0's queue at once
     return fork_workers(
-        n, lambda i: _gateway_worker(settings, context, clock, index=i, reuse_port=True)
+        n,
+        lambda i: _gateway_worker(
+            settings, context, clock, index=i, reuse_port=True, handoff=handoff
+        ),
     )
 
 
@@ -320,11 +325,20 @@ def _gateway_worker(
     *,
     index: int,
     reuse_port: bool,
+    handoff: Handoff | None = None,
 ) -> int:
     core = open_core(settings)
     try:
         asyncio.run(
-            _run_gateway(settings, core, context, clock, index=index, reuse_port=reuse_port)
+            _run_gateway(
+                settings,
+                core,
+                context,
+                clock,
+                index=index,
+                reuse_port=reuse_port,
+                handoff=handoff,
+            )
         )
     finally:
         core.flush()
@@ -340,6 +354,7 @@ async def _run_gateway(
     *,
     index: int,
     reuse_port: bool,
+    handoff: Handoff | None = None,
 ) -> None:
     from kithmail import db as dbmod
     from kithmail.layers import Action, Layer, Verdict
@@ -393,6 +408,13 @@ async def _run_gateway(
     pipeline = make_pipeline(settings)
     spool = Spool(data_dir / "spool", reserve_bytes=settings.server.spool_reserve)
     queue = Queue(spool, settings, resolver=resolver, clock=clock) if index == 0 else None
+    # What this worker accepted, to the queue: its own (worker 0) or worker 0's by the
+    # handoff pipe; else (no pipe) worker 0's spool scan finds it.
+    to_queue: Callable[[str], None] | None = None
+    if queue is not None:
+        to_queue = queue.notify
+    elif handoff is not None:
+        to_queue = handoff.sender()
     callahead = None
     if settings.domains.verify_recipients == "downstream":
         from kithmail.queue.callahead import CallAhead
@@ -457,8 +479,8 @@ async def _run_gateway(
                 challenge_id or "-",
                 why,
             )
-            if challenge_id is not None and queue is not None:
-                queue.notify(challenge_id)
+            if challenge_id is not None and to_queue is not None:
+                to_queue(challenge_id)
 
     async def on_verified(tenant: str, user: str, sender: str) -> None:
         core.community.add(user, sender, "allow", "sav", int(clock()))
@@ -490,7 +512,7 @@ async def _run_gateway(
         metrics=SmtpMetrics(),
         tls_context=context,
         callahead=callahead,
-        on_accepted=queue.notify if queue is not None else None,
+        on_accepted=to_queue,
         on_held=on_held,
         may_hold=may_hold,
         sav_token_ok=sav_token_ok,
@@ -593,6 +615,8 @@ async def _run_gateway(
             log.info("web UI, API and /metrics on %s://%s (pid %d)", scheme, spec, os.getpid())
     if queue is not None:
         await queue.start()
+        if handoff is not None:
+            handoff.receive(loop, queue.notify)
         sweeper = asyncio.create_task(
             _sweep_quarantine(
                 quarantine,

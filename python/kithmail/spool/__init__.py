@@ -84,6 +84,7 @@ __all__ = [
     "State",
     "StateError",
     "UnsupportedVersionError",
+    "is_queue_id",
 ]
 
 log = logging.getLogger("kithmail.spool")
@@ -314,6 +315,11 @@ class _IdMaker:
             us = max(us, self._last + 1)
             self._last = us
         return QueueId(_b32(us, 11) + _b32(secrets.randbits(40), 8))
+
+
+def is_queue_id(text: str) -> bool:
+    """Whether ``text`` has the form of a queue id (and so names no path)."""
+    return _QUEUE_ID.fullmatch(text) is not None
 
 
 def _check_id(queue_id: str) -> QueueId:
