@@ -21,7 +21,7 @@ from typing import Any
 from kithmail import config
 from kithmail.dns import Resolver
 from kithmail.handoff import Handoff
-from kithmail.heap import release_periodically
+from kithmail.heap import ARENAS, limit_arenas
 from kithmail.layers.reputation import Reputation
 from kithmail.metrics import Metrics, multiprocess_dir, retention_deleted, serve_metrics
 from kithmail.runtime import open_core, setup_logging
@@ -216,6 +216,9 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
     from kithmail.spool import Spool
 
     setup_logging(settings)
+    # Before any thread or worker exists: glibc's malloc arenas (`kithmail.heap`).
+    if limit_arenas():
+        log.info("malloc: at most %d arenas per process (MALLOC_ARENA_MAX overrides)", ARENAS)
     # A SIGHUP before the workers' event loops take it over is ignored.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     data_dir = settings.server.data_dir
@@ -433,8 +436,6 @@ async def _run_gateway(
     quarantine = Quarantine(database, spool, policies=policies, clock=clock)
     stats = Stats(clock, lambda d: p.tenant if (p := policies.for_domain(d)) else None)
     flusher = asyncio.create_task(_flush_stats(stats, database))
-    # Free C heap memory back to the system (`kithmail.heap`: glibc keeps it otherwise).
-    trimmer = asyncio.create_task(release_periodically())
     sav = Sav(database, settings, clock=clock)
     sav.settings_for = lambda tenant: policies.for_tenant(tenant).settings
 
@@ -690,7 +691,6 @@ async def _run_gateway(
                 await task
     if queue is not None:
         await queue.stop(10)
-    trimmer.cancel()
     flusher.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await flusher
