@@ -35,18 +35,24 @@ def _receive(handoff: Handoff, want: int) -> list[str]:
     return asyncio.run(main())
 
 
-def test_ids_written_by_another_process_arrive_whole_and_in_order() -> None:
-    handoff = Handoff()
+def _worker(handoff: Handoff, ids: list[str]) -> int:
+    """A forked process that hands on `ids` as a worker does, then exits 0; its pid."""
     pid = os.fork()
-    if pid == 0:  # a worker
+    if pid == 0:
         code = 1
         try:
             send = handoff.sender()
-            for qid in IDS:
+            for qid in ids:
                 send(qid)
             code = 0
         finally:
             os._exit(code)
+    return pid
+
+
+def test_ids_written_by_another_process_arrive_whole_and_in_order() -> None:
+    handoff = Handoff()
+    pid = _worker(handoff, IDS)
     try:
         assert _receive(handoff, len(IDS)) == IDS
     finally:
@@ -80,16 +86,7 @@ def _exit_code(pid: int, seconds: float) -> int | None:
 def test_a_full_pipe_never_blocks_the_worker() -> None:
     handoff = Handoff()
     many = [f"{n:011d}abcdefgh" for n in range(20_000)]  # 400 kB; a pipe holds 64 kB
-    pid = os.fork()
-    if pid == 0:  # a worker, while worker 0 reads nothing
-        code = 1
-        try:
-            send = handoff.sender()
-            for qid in many:
-                send(qid)
-            code = 0
-        finally:
-            os._exit(code)
+    pid = _worker(handoff, many)  # while worker 0 reads nothing
     code = None
     try:
         code = _exit_code(pid, 60)

@@ -295,21 +295,30 @@ def quarantine_expired(copies: int, *, registry: CollectorRegistry = REGISTRY) -
 RETENTION_KINDS = ("recon", "learned", "audit")
 
 
-def _retention(registry: CollectorRegistry) -> Counter:
+def _closed_counter(
+    registry: CollectorRegistry, name: str, doc: str, label: str, values: tuple[str, ...]
+) -> Counter:
+    """A counter with one label of a closed set, every value made at zero on first use."""
+
     def make() -> Counter:
-        c = Counter(
-            "kithmail_retention_deleted",
-            "Rows deleted by the periodic retention sweep, by kind: recon (masked source "
-            "addresses past retry_window or pass_ttl), learned (reputation counters past "
-            "learned_ttl), audit (audit log rows past audit_retention).",
-            ["kind"],
-            registry=registry,
-        )
-        for k in RETENTION_KINDS:
-            c.labels(k)
+        c = Counter(f"kithmail_{name}", doc, [label], registry=registry)
+        for v in values:
+            c.labels(v)
         return c
 
-    return _lazy(registry, "retention_deleted", make)
+    return _lazy(registry, name, make)
+
+
+def _retention(registry: CollectorRegistry) -> Counter:
+    return _closed_counter(
+        registry,
+        "retention_deleted",
+        "Rows deleted by the periodic retention sweep, by kind: recon (masked source "
+        "addresses past retry_window or pass_ttl), learned (reputation counters past "
+        "learned_ttl), audit (audit log rows past audit_retention).",
+        "kind",
+        RETENTION_KINDS,
+    )
 
 
 def retention_deleted(kind: str, rows: int, *, registry: CollectorRegistry = REGISTRY) -> None:
@@ -319,19 +328,14 @@ def retention_deleted(kind: str, rows: int, *, registry: CollectorRegistry = REG
 
 
 def _sav_challenges(registry: CollectorRegistry) -> Counter:
-    def make() -> Counter:
-        c = Counter(
-            "kithmail_sav_challenges",
-            "SAV challenges by what became of them: sent, verified (by reply or page), "
-            "expired (unanswered).",
-            ["result"],
-            registry=registry,
-        )
-        for r in SAV_RESULTS:
-            c.labels(r)
-        return c
-
-    return _lazy(registry, "sav_challenges", make)
+    return _closed_counter(
+        registry,
+        "sav_challenges",
+        "SAV challenges by what became of them: sent, verified (by reply or page), "
+        "expired (unanswered).",
+        "result",
+        SAV_RESULTS,
+    )
 
 
 SAV_RESULTS = ("sent", "verified", "expired")
