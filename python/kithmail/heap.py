@@ -12,8 +12,10 @@ leaves the first one's memory behind, resident. Measured under
 mixed mail, debug build): worker 0's RssAnon grew 4.1 MB over the second
 half while the Python heap stayed flat (tracemalloc; the same 41 pymalloc
 arenas) and glibc's bytes in use grew 0.8 MB; nine arenas held 36 MB for
-28 MB in use. With two arenas the gateway's RssAnon grew 1.97 % over the
-second half instead of 3.26 %, at the same throughput.
+28 MB in use. With two arenas the gateway's RssAnon grew 2.0-2.2 % over
+the second half (three soaks) instead of 3.3-3.5 % (two), at the same
+throughput; what it still gains is free memory the two arenas hold (one
+malloc_trim(0) at the end brought each worker below its midpoint).
 
 `limit_arenas` sets the limit (mallopt M_ARENA_MAX) before the workers
 fork; an operator's own ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES`` wins.
