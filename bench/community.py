@@ -30,10 +30,8 @@ import argparse
 import gc
 import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from core import COMM, SOURCES, T0, fmt_ns, fmt_rate, log, machine, write_json
+from core import COMM, SOURCES, T0, finish, fmt_ns, fmt_rate, log, machine, workdir
 
 try:
     import lmdb
@@ -781,23 +779,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    work = tempfile.mkdtemp(prefix="kithmail-bench-community-", dir=args.dir or None)
-    log(f"working in {work}")
-    try:
+    with workdir("community", args) as work:
+        log(f"working in {work}")
         report = Bench(args, work).run()
-    finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print_table(report)
-    if args.json:
-        write_json(args.json, report)
-        log(f"wrote {args.json}")
-    if report["errors"]:
-        log("FAILED: " + "; ".join(report["errors"]))
-        return 1
-    return 0
+    return finish(args, report, print_table)
 
 
 if __name__ == "__main__":

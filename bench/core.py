@@ -27,6 +27,7 @@ Run ``bench/core.py --help``; bench/README.md says how to read the output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import ipaddress
 import json
@@ -1636,6 +1637,37 @@ def print_table(report: dict[str, Any]) -> None:
         print("ERRORS: " + "; ".join(report["errors"]))
 
 
+@contextlib.contextmanager
+def workdir(name: str, args: argparse.Namespace, *, shared: bool = False) -> Iterator[str]:
+    """A fresh temporary directory for one bench (``--dir``), removed after unless ``--keep``.
+
+    ``shared``: readable by all, for peers (Postfix, smtp-sink, postgrey)
+    that run as their own users.
+    """
+    work = tempfile.mkdtemp(prefix=f"kithmail-bench-{name}-", dir=args.dir)
+    if shared:
+        os.chmod(work, 0o755)
+    try:
+        yield work
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def finish(args: argparse.Namespace, report: dict[str, Any], show: Any) -> int:
+    """Show the report, write ``--json``; the exit status (1 when it has errors)."""
+    show(report)
+    if args.json:
+        write_json(args.json, report)
+        log(f"wrote {args.json}")
+    if report["errors"]:
+        log("FAILED: " + "; ".join(report["errors"]))
+        return 1
+    return 0
+
+
 def write_json(path: str, report: dict[str, Any]) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -1690,15 +1722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"warning: kithmail._core comes from the source tree ({mod}), as maturin develop "
             "installs it; say --profile debug if it is a debug build"
         )
-    report = Bench(args).run()
-    print_table(report)
-    if args.json:
-        write_json(args.json, report)
-        log(f"wrote {args.json}")
-    if report["errors"]:
-        log("FAILED: " + "; ".join(report["errors"]))
-        return 1
-    return 0
+    return finish(args, Bench(args).run(), print_table)
 
 
 if __name__ == "__main__":

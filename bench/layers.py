@@ -58,7 +58,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -69,7 +68,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _layers_peers as peers
 from _smtp_peers import StartError, deb_version
-from core import fmt_rate, log, machine, write_json
+from core import finish, fmt_rate, log, machine, workdir
 from policy import source_tree
 
 try:
@@ -1137,25 +1136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = tempfile.mkdtemp(prefix="kithmail-bench-layers-", dir=args.dir)
     try:
-        report = Bench(args, work).run()
+        with workdir("layers", args) as work:
+            report = Bench(args, work).run()
     except StartError as e:
         log(f"FAILED to start a peer: {e}")
         return 1
-    finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print_table(report)
-    if args.json:
-        write_json(args.json, report)
-        log(f"wrote {args.json}")
-    if report["errors"]:
-        log("FAILED: " + "; ".join(report["errors"]))
-        return 1
-    return 0
+    return finish(args, report, print_table)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -53,12 +52,13 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from core import (
     _mixer,
+    finish,
     fmt_rate,
     log,
     machine,
     recon_sources,
     reputation_prefixes,
-    write_json,
+    workdir,
 )
 
 try:
@@ -1020,23 +1020,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = tempfile.mkdtemp(prefix="kithmail-bench-policy-", dir=args.dir)
-    os.chmod(work, 0o755)  # postgrey drops to its own user and must reach its db dir
-    try:
+    with workdir("policy", args, shared=True) as work:
         report = Bench(args, work).run()
-    finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print_table(report)
-    if args.json:
-        write_json(args.json, report)
-        log(f"wrote {args.json}")
-    if report["errors"]:
-        log("FAILED: " + "; ".join(report["errors"]))
-        return 1
-    return 0
+    return finish(args, report, print_table)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +54,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _smtp_client as client
 import _smtp_peers as peers
-from core import fmt_rate, log, machine, write_json
+from core import finish, fmt_rate, log, machine, workdir
 from policy import source_tree
 
 SENDER_DOMAIN = "bench.example"
@@ -1056,23 +1055,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = tempfile.mkdtemp(prefix="kithmail-bench-smtp-", dir=args.dir)
-    os.chmod(work, 0o755)  # Postfix's daemons, smtp-sink and Postgrey run as their own users
-    try:
+    with workdir("smtp", args, shared=True) as work:
         report = Bench(args, work).run()
-    finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print_table(report)
-    if args.json:
-        write_json(args.json, report)
-        log(f"wrote {args.json}")
-    if report["errors"]:
-        log("FAILED: " + "; ".join(report["errors"]))
-        return 1
-    return 0
+    return finish(args, report, print_table)
 
 
 if __name__ == "__main__":

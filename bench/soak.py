@@ -79,7 +79,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -90,7 +89,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _smtp_client as client
 import _smtp_peers as peers
-from core import log, machine, write_json
+from core import finish, log, machine, workdir
 from policy import source_tree
 from smtp import background, cpu_busy, foreign_cpu, foreign_snapshot, read_cpu
 
@@ -1542,23 +1541,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = tempfile.mkdtemp(prefix="kithmail-bench-soak-", dir=args.dir)
-    os.chmod(work, 0o755)  # Postfix's daemons run as their own user
-    try:
+    with workdir("soak", args, shared=True) as work:
         report = Soak(args, work).run()
-    finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print_summary(report)
-    if args.json:
-        write_json(args.json, report)
-        log(f"wrote {args.json}")
-    if report["errors"]:
-        log("FAILED: " + "; ".join(report["errors"]))
-        return 1
-    return 0
+    return finish(args, report, print_summary)
 
 
 if __name__ == "__main__":
