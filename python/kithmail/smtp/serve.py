@@ -216,9 +216,9 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
     from kithmail.spool import Spool
 
     setup_logging(settings)
-    # Before any thread or worker exists: glibc's malloc arenas (`kithmail.heap`).
-    if limit_arenas():
-        log.info("malloc: at most %d arenas per process (MALLOC_ARENA_MAX overrides)", ARENAS)
+    # Before any thread or worker exists: glibc's malloc arenas (`kithmail.heap`);
+    # said once the start can no longer fail on the database or the spool.
+    arenas_limited = limit_arenas()
     # A SIGHUP before the workers' event loops take it over is ignored.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     data_dir = settings.server.data_dir
@@ -254,6 +254,8 @@ def serve_gateway(settings: config.Settings, *, test_hooks: bool = False) -> int
         clock = TestClock(data_dir / "test-clock")
         log.warning("test hooks on: the clock follows %s", data_dir / "test-clock")
 
+    if arenas_limited:
+        log.info("malloc: at most %d arenas per process (MALLOC_ARENA_MAX overrides)", ARENAS)
     n = settings.server.workers
     # Worker 0 serves the web listener (UI, API, /healthz, /readyz, /metrics);
     # with several workers /metrics merges their multiprocess files.
