@@ -55,8 +55,8 @@ def _deleted(gw: Gateway, kind: str) -> float:
 
 def _restart_and_wait_for(gw: Gateway, line: str) -> None:
     """Restart, then wait for the start's sweep to log `line`."""
+    before = gw.log_text().count(line)  # counted first: the new process may say it at once
     gw.restart()
-    before = gw.log_text().count(line)
     gw.wait_for(line, lambda: gw.log_text().count(line) > before)
 
 
