@@ -8,32 +8,18 @@ it leaves in the core (read back through ``kithmail.Core`` in this process).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from kith_cli import Kith, Run, run_kith
 
 import kithmail
 from kithmail import Core
 
-KITH = Path(sys.executable).parent / "kith"
 DAY = 86400
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-Kith = Callable[..., Run]
 
 
 def iso(ts: int) -> str:
@@ -57,8 +43,6 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def kith(tmp_path: Path, data_dir: Path) -> Kith:
     """Run ``kith --data-dir DATA_DIR ARGS...``; ``data_dir=None`` leaves the option out."""
-    assert KITH.exists(), f"{KITH} is missing: run `make build`"
-    base_env = {k: v for k, v in os.environ.items() if k != "KITHMAIL_DATA_DIR"}
 
     def run(
         *args: str,
@@ -67,19 +51,8 @@ def kith(tmp_path: Path, data_dir: Path) -> Kith:
         cwd: Path = tmp_path,
         data_dir: Path | None = data_dir,
     ) -> Run:
-        argv = [str(KITH)]
-        if data_dir is not None:
-            argv += ["--data-dir", str(data_dir)]
-        p = subprocess.run(
-            [*argv, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            env={**base_env, **(env or {})},
-            timeout=60,
-        )
-        return Run(p.returncode, p.stdout, p.stderr)
+        head = ["--data-dir", str(data_dir)] if data_dir is not None else []
+        return run_kith([*head, *args], cwd=cwd, stdin=stdin, env=env)
 
     return run
 

@@ -13,31 +13,18 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gateway import Gateway, make_gateway, run, send
+from kith_cli import Kith, Run, run_kith
 
 from kithmail.cli_policy import parse_value
 from kithmail.db import Database
 
-KITH = Path(sys.executable).parent / "kith"
 ACTOR = f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-Kith = Callable[..., Run]
 
 
 @pytest.fixture
@@ -48,25 +35,14 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def kith(tmp_path: Path, data_dir: Path) -> Kith:
     """Run ``kith ARGS... -c CONFIG``: two local domains, ``[spf] softfail`` set in the file."""
-    assert KITH.exists(), f"{KITH} is missing: run `make build`"
     config = tmp_path / "kithmail.toml"
     config.write_text(
         f'[server]\ndata_dir = "{data_dir}"\n\n[domains]\nlocal = ["example.test", "other.test"]\n'
         '\n[spf]\nsoftfail = "tag"\n'
     )
-    env = {k: v for k, v in os.environ.items() if k != "KITHMAIL_DATA_DIR"}
 
     def run_(*args: str) -> Run:
-        p = subprocess.run(
-            [str(KITH), *args, "-c", str(config)],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=60,
-            check=False,
-        )
-        return Run(p.returncode, p.stdout, p.stderr)
+        return run_kith([*args, "-c", str(config)], cwd=tmp_path)
 
     assert run_("tenant", "add", "acme").code == 0
     assert run_("tenant", "domain", "acme", "other.test").code == 0

@@ -8,29 +8,14 @@ left in kithmail.db (read back through `kithmail.db.Database` here).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kith_cli import Kith, Run, run_kith
 
 from kithmail.db import Database
-
-KITH = Path(sys.executable).parent / "kith"
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-Kith = Callable[..., Run]
 
 
 @pytest.fixture
@@ -50,24 +35,10 @@ def config_file(tmp_path: Path, data_dir: Path) -> Path:
 @pytest.fixture
 def kith(tmp_path: Path, config_file: Path) -> Kith:
     """Run ``kith ARGS... -c CONFIG`` in tmp_path."""
-    assert KITH.exists(), f"{KITH} is missing: run `make build`"
-    env = {k: v for k, v in os.environ.items() if k != "KITHMAIL_DATA_DIR"}
 
     def run(*args: str, stdin: str | None = None, config: Path | None = config_file) -> Run:
-        argv = [str(KITH), *args]
-        if config is not None:
-            argv += ["-c", str(config)]
-        p = subprocess.run(
-            argv,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=60,
-            check=False,
-        )
-        return Run(p.returncode, p.stdout, p.stderr)
+        tail = ["-c", str(config)] if config is not None else []
+        return run_kith([*args, *tail], cwd=tmp_path, stdin=stdin)
 
     return run
 
