@@ -7,14 +7,17 @@ directory, with the environment of the test run minus KITHMAIL_DATA_DIR
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KITH", "Kith", "Run", "run_kith"]
+from kithmail.db import Database
+
+__all__ = ["KITH", "Kith", "Run", "databases", "run_kith"]
 
 KITH = Path(sys.executable).parent / "kith"
 
@@ -50,3 +53,20 @@ def run_kith(
         check=False,
     )
     return Run(p.returncode, p.stdout, p.stderr)
+
+
+@contextlib.contextmanager
+def databases(data_dir: Path) -> Iterator[Callable[[], Database]]:
+    """Open kithmail.db as the server would (after the commands made it); all closed after."""
+    opened: list[Database] = []
+
+    def open_() -> Database:
+        d = Database.open(data_dir / "kithmail.db")
+        opened.append(d)
+        return d
+
+    try:
+        yield open_
+    finally:
+        for d in opened:
+            d.close()

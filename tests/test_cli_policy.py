@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from gateway import Gateway, make_gateway, run, send
-from kith_cli import Kith, Run, run_kith
+from kith_cli import Kith, Run, databases, run_kith
 
 from kithmail.cli_policy import parse_value
 from kithmail.db import Database
@@ -51,16 +51,8 @@ def kith(tmp_path: Path, data_dir: Path) -> Kith:
 
 @pytest.fixture
 def database(data_dir: Path) -> Iterator[Callable[[], Database]]:
-    opened: list[Database] = []
-
-    def _open() -> Database:
-        d = Database.open(data_dir / "kithmail.db")
-        opened.append(d)
-        return d
-
-    yield _open
-    for d in opened:
-        d.close()
+    with databases(data_dir) as open_:
+        yield open_
 
 
 def rows(out: str) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kith_cli import Kith, Run, run_kith
+from kith_cli import Kith, Run, databases, run_kith
 
 from kithmail.db import Database
 
@@ -45,17 +45,8 @@ def kith(tmp_path: Path, config_file: Path) -> Kith:
 
 @pytest.fixture
 def database(data_dir: Path) -> Iterator[Callable[[], Database]]:
-    """Open kithmail.db as the server would (after the commands made it)."""
-    opened: list[Database] = []
-
-    def _open() -> Database:
-        d = Database.open(data_dir / "kithmail.db")
-        opened.append(d)
-        return d
-
-    yield _open
-    for d in opened:
-        d.close()
+    with databases(data_dir) as open_:
+        yield open_
 
 
 def password_of(out: str) -> str:
